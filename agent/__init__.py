@@ -1,0 +1,3 @@
+"""edgefleet edge agent."""
+
+__version__ = "0.1.0"

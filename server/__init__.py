@@ -1,0 +1,3 @@
+"""edgefleet server."""
+
+__version__ = "0.1.0"
