@@ -73,6 +73,7 @@ CONFIDENCE_BINS = 10
 
 MIN_BINS, MAX_BINS = 2, 64
 _CHUNK_ROWS = 4096
+_SMALL_BATCH = 8
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -283,34 +284,67 @@ def quantile_edges(values: npt.ArrayLike, n_bins: int = 10) -> list[float]:
     return [float(e) for e in edges]
 
 
-def count_bins(data: npt.ArrayLike, edges: Sequence[Sequence[float]]) -> list[IntArray]:
-    """Count each column of ``data`` over its own edges; one count array per column.
+class _Binning:
+    """Bin edges of several features, padded into one array for vectorised counting.
 
-    Vectorised over rows and columns: columns with fewer bins are padded with
+    Built once per reference; counting a row is then a handful of numpy calls
+    whatever the number of features. Features with fewer bins are padded with
     ``+inf`` edges that no finite value reaches.
     """
+
+    def __init__(self, edges: Sequence[Sequence[float]]) -> None:
+        self.n_features = len(edges)
+        self.n_bins = np.array([len(e) - 1 for e in edges], dtype=np.int64)
+        width = int(self.n_bins.max()) + 1 if self.n_features else 1
+        self.padded = np.full((self.n_features, width), np.inf)
+        for j, e in enumerate(edges):
+            self.padded[j, : len(e)] = e
+        self.last_edge = self.padded[np.arange(self.n_features), self.n_bins]
+        self.offsets = np.concatenate([[0], np.cumsum(self.n_bins + 3)]).astype(np.int64)
+        self.size = int(self.offsets[-1])
+
+    def slots(self, x: FloatArray) -> IntArray:
+        """Flat count index of every value of ``x`` (rows, features)."""
+        if x.shape[1] != self.n_features:
+            raise DriftError(
+                f"input has {x.shape[1]} features, the reference has {self.n_features}"
+            )
+        if x.shape[0] <= _SMALL_BATCH:  # one broadcast compare beats a loop over features
+            below_or_at = (x[:, :, None] >= self.padded[None, :, :]).sum(axis=2)
+        else:  # a binary search per feature beats a (rows, features, edges) temporary
+            below_or_at = np.empty(x.shape, dtype=np.int64)
+            for j in range(self.n_features):
+                edges = self.padded[j, : self.n_bins[j] + 1]
+                below_or_at[:, j] = np.searchsorted(edges, x[:, j], side="right")
+            below_or_at[np.isposinf(x)] = self.n_bins.max() + 1
+        slot = np.minimum(below_or_at, self.n_bins + 1)
+        slot = np.where(x == self.last_edge, self.n_bins, slot)
+        slot = np.where(np.isnan(x), self.n_bins + 2, slot)
+        index: IntArray = slot + self.offsets[:-1]
+        return index
+
+    def add(self, totals: IntArray, x: FloatArray) -> None:
+        """Add the counts of ``x`` into the flat ``totals`` array."""
+        if x.shape[0] == 1:
+            totals[self.slots(x)[0]] += 1  # one slot per feature: indices are unique
+            return
+        for start in range(0, x.shape[0], _CHUNK_ROWS):
+            index = self.slots(x[start : start + _CHUNK_ROWS]).ravel()
+            totals += np.bincount(index, minlength=self.size)
+
+    def split(self, totals: IntArray) -> list[IntArray]:
+        return [
+            totals[self.offsets[j] : self.offsets[j + 1]].copy() for j in range(self.n_features)
+        ]
+
+
+def count_bins(data: npt.ArrayLike, edges: Sequence[Sequence[float]]) -> list[IntArray]:
+    """Count each column of ``data`` over its own edges; one count array per column."""
     x = _as_2d(data)
-    n_features = len(edges)
-    if x.shape[1] != n_features:
-        raise DriftError(f"input has {x.shape[1]} features, the reference has {n_features}")
-    n_bins = np.array([len(e) - 1 for e in edges], dtype=np.int64)
-    width = int(n_bins.max()) + 1
-    padded = np.full((n_features, width), np.inf)
-    for j, e in enumerate(edges):
-        padded[j, : len(e)] = e
-    last_edge = padded[np.arange(n_features), n_bins]
-    offsets = np.concatenate([[0], np.cumsum(n_bins + 3)])
-    totals = np.zeros(int(offsets[-1]), dtype=np.int64)
-    for start in range(0, x.shape[0], _CHUNK_ROWS):
-        chunk = x[start : start + _CHUNK_ROWS]
-        with np.errstate(invalid="ignore"):
-            below_or_at = (chunk[:, :, None] >= padded[None, :, :]).sum(axis=2)
-        slot = np.minimum(below_or_at, n_bins + 1)
-        slot = np.where(chunk == last_edge, n_bins, slot)
-        slot = np.where(np.isnan(chunk), n_bins + 2, slot)
-        index = (slot + offsets[:-1]).ravel()
-        totals += np.bincount(index, minlength=totals.size)
-    return [totals[offsets[j] : offsets[j + 1]].copy() for j in range(n_features)]
+    binning = _Binning(edges)
+    totals = np.zeros(binning.size, dtype=np.int64)
+    binning.add(totals, x)
+    return binning.split(totals)
 
 
 def moments_of(values: npt.ArrayLike) -> Moments:
@@ -343,6 +377,53 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
     return Moments(n=n, mean=mean, m2=max(m2, 0.0), min=min(a.min, b.min), max=max(a.max, b.max))
 
 
+class _MomentArrays:
+    """Per-feature moments as arrays, merged with Chan's formula one batch at a time."""
+
+    def __init__(self, n_features: int) -> None:
+        self.n = np.zeros(n_features, dtype=np.int64)
+        self.mean = np.zeros(n_features)
+        self.m2 = np.zeros(n_features)
+        self.min = np.full(n_features, np.inf)
+        self.max = np.full(n_features, -np.inf)
+
+    def add(self, x: FloatArray) -> None:
+        finite = np.isfinite(x)
+        if finite.all():  # the common case: no masking needed
+            count = np.full(x.shape[1], x.shape[0], dtype=np.int64)
+            batch_mean = x.mean(axis=0)
+            batch_m2 = ((x - batch_mean) ** 2).sum(axis=0)
+            batch_min, batch_max = x.min(axis=0), x.max(axis=0)
+        else:
+            count = finite.sum(axis=0)
+            if not count.any():
+                return
+            safe = np.where(finite, x, 0.0)
+            batch_mean = np.where(count > 0, safe.sum(axis=0) / np.maximum(count, 1), 0.0)
+            batch_m2 = (np.where(finite, x - batch_mean, 0.0) ** 2).sum(axis=0)
+            batch_min = np.where(finite, x, np.inf).min(axis=0)
+            batch_max = np.where(finite, x, -np.inf).max(axis=0)
+        total = self.n + count
+        delta = batch_mean - self.mean
+        weight = np.where(total > 0, count / np.maximum(total, 1), 0.0)
+        self.mean = self.mean + delta * weight
+        self.m2 = self.m2 + batch_m2 + delta * delta * self.n * weight
+        self.n = total
+        self.min = np.minimum(self.min, batch_min)
+        self.max = np.maximum(self.max, batch_max)
+
+    def moments(self, j: int) -> Moments:
+        if self.n[j] == 0:
+            return Moments()
+        return Moments(
+            n=int(self.n[j]),
+            mean=float(self.mean[j]),
+            m2=float(max(self.m2[j], 0.0)),
+            min=float(self.min[j]),
+            max=float(self.max[j]),
+        )
+
+
 def confidence_counts(probabilities: npt.ArrayLike) -> IntArray:
     """Histogram of each row's top probability over :data:`CONFIDENCE_BINS` bins of [0, 1]."""
     p = _as_2d(probabilities)
@@ -355,6 +436,9 @@ def confidence_counts(probabilities: npt.ArrayLike) -> IntArray:
 class DriftAccumulator:
     """Counts one window of live data against a reference (mutable; one per window).
 
+    Built for the inference path: bins are prepared once, and adding one row costs
+    a few vectorised numpy calls whatever the number of features.
+
     >>> acc = DriftAccumulator(reference)   # doctest: +SKIP
     >>> acc.update(batch, probabilities=probs)
     >>> sketch = acc.sketch()
@@ -362,29 +446,39 @@ class DriftAccumulator:
 
     def __init__(self, reference: DriftReference) -> None:
         self.reference = reference
-        self._edges = [f.edges for f in reference.features]
         self._names = [f.name for f in reference.features]
+        self._binning = _Binning([f.edges for f in reference.features])
         self._reference_id = reference.reference_id
+        pred = reference.predictions
+        self._n_classes = (
+            len(pred.class_counts) if pred is not None and pred.class_counts is not None else None
+        )
+        self._track_confidence = pred is not None and pred.confidence_counts is not None
+        self._value_binning = (
+            _Binning([pred.value.edges]) if pred is not None and pred.value is not None else None
+        )
         self.reset()
 
     def reset(self) -> None:
-        self._counts = [np.zeros(len(e) + 2, dtype=np.int64) for e in self._edges]
-        self._moments = [Moments() for _ in self._edges]
-        pred = self.reference.predictions
-        self._class_counts: IntArray | None = None
-        self._confidence: IntArray | None = None
-        self._value_counts: IntArray | None = None
-        self._value_moments = Moments()
-        if pred is not None and pred.class_counts is not None:
-            self._class_counts = np.zeros(len(pred.class_counts), dtype=np.int64)
-        if pred is not None and pred.confidence_counts is not None:
-            self._confidence = np.zeros(CONFIDENCE_BINS, dtype=np.int64)
-        if pred is not None and pred.value is not None:
-            self._value_counts = np.zeros(len(pred.value.edges) + 2, dtype=np.int64)
+        self._counts = np.zeros(self._binning.size, dtype=np.int64)
+        self._moments = _MomentArrays(self._binning.n_features)
+        self._class_counts = (
+            None if self._n_classes is None else np.zeros(self._n_classes, dtype=np.int64)
+        )
+        self._confidence = (
+            np.zeros(CONFIDENCE_BINS, dtype=np.int64) if self._track_confidence else None
+        )
+        self._value_counts = (
+            None
+            if self._value_binning is None
+            else np.zeros(self._value_binning.size, dtype=np.int64)
+        )
+        self._value_moments = _MomentArrays(1)
+        self._rows = 0
 
     @property
     def rows(self) -> int:
-        return int(self._counts[0].sum())
+        return self._rows
 
     def update(
         self,
@@ -395,50 +489,53 @@ class DriftAccumulator:
     ) -> None:
         """Add a batch ``(rows, features)`` (a single row may be 1-D)."""
         x = _as_2d(data)
-        for j, counts in enumerate(count_bins(x, self._edges)):
-            self._counts[j] += counts
-            self._moments[j] = merge_moments(self._moments[j], moments_of(x[:, j]))
+        p = None
         if probabilities is not None:
             p = _as_2d(probabilities)
             if p.shape[0] != x.shape[0]:
                 raise DriftError(f"{p.shape[0]} probability rows for {x.shape[0]} input rows")
+            if self._class_counts is not None and p.shape[1] != self._class_counts.size:
+                raise DriftError(
+                    f"{p.shape[1]} classes, the reference has {self._class_counts.size}"
+                )
+        self._binning.add(self._counts, x)  # validates the feature count first
+        self._moments.add(x)
+        self._rows += x.shape[0]
+        if p is not None:
             if self._class_counts is not None:
-                if p.shape[1] != self._class_counts.size:
-                    raise DriftError(
-                        f"{p.shape[1]} classes, the reference has {self._class_counts.size}"
-                    )
                 self._class_counts += np.bincount(
                     p.argmax(axis=1), minlength=self._class_counts.size
                 )
             if self._confidence is not None:
                 self._confidence += confidence_counts(p)
-        if predicted_values is not None and self._value_counts is not None:
-            pred = self.reference.predictions
-            assert pred is not None and pred.value is not None
+        if predicted_values is not None and self._value_binning is not None:
+            assert self._value_counts is not None
             v = np.asarray(predicted_values, dtype=np.float64).reshape(-1, 1)
-            self._value_counts += count_bins(v, [pred.value.edges])[0]
-            self._value_moments = merge_moments(self._value_moments, moments_of(v))
+            self._value_binning.add(self._value_counts, v)
+            self._value_moments.add(v)
 
     def sketch(self) -> DriftSketch:
         """The window so far, as a wire model (the accumulator keeps counting)."""
         predictions = None
         if self.reference.predictions is not None:
+            value = None
+            if self._value_counts is not None:
+                value = FeatureSketch(
+                    name="prediction",
+                    counts=self._value_counts.tolist(),
+                    moments=self._value_moments.moments(0),
+                )
             predictions = PredictionSketch(
                 class_counts=None if self._class_counts is None else self._class_counts.tolist(),
                 confidence_counts=None if self._confidence is None else self._confidence.tolist(),
-                value=None
-                if self._value_counts is None
-                else FeatureSketch(
-                    name="prediction",
-                    counts=self._value_counts.tolist(),
-                    moments=self._value_moments,
-                ),
+                value=value,
             )
+        counts = self._binning.split(self._counts)
         return DriftSketch(
             reference_id=self._reference_id,
             features=[
-                FeatureSketch(name=n, counts=c.tolist(), moments=m)
-                for n, c, m in zip(self._names, self._counts, self._moments, strict=True)
+                FeatureSketch(name=name, counts=c.tolist(), moments=self._moments.moments(j))
+                for j, (name, c) in enumerate(zip(self._names, counts, strict=True))
             ],
             predictions=predictions,
         )

@@ -1,0 +1,163 @@
+"""The ``edgefleet`` command: run the server, run the demo, manage the fleet's keys.
+
+Settings come from the environment (``EDGEFLEET_*``); options given here win.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from server import __version__
+
+app = typer.Typer(
+    name="edgefleet",
+    help="edgefleet: train, sign and roll out models to fleets of edge devices over MQTT.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+keys_app = typer.Typer(help="The fleet's signing keys (root, online keys, keyring).")
+app.add_typer(keys_app, name="keys")
+
+err = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"edgefleet {__version__}")
+        raise typer.Exit
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """edgefleet: train, sign and roll out models to fleets of edge devices over MQTT."""
+
+
+@app.command()
+def server(
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="Keys, artifacts and the SQLite file. [env: EDGEFLEET_DATA_DIR]"),
+    ] = None,
+    db: Annotated[
+        str | None, typer.Option(help="Database URL (default: SQLite in the data dir).")
+    ] = None,
+    broker: Annotated[
+        str | None, typer.Option(help="mqtt://host:port, or 'embedded' (default).")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port (default 8750).")] = None,
+) -> None:
+    """Run the API server (and an embedded MQTT broker unless --broker names one)."""
+    from pydantic import ValidationError
+
+    from server.settings import Settings
+
+    overrides = {
+        k: v
+        for k, v in {
+            "data_dir": data_dir,
+            "database_url": db,
+            "broker_url": broker,
+            "host": host,
+            "port": port,
+        }.items()
+        if v is not None
+    }
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as e:
+        err.print(f"[red]error:[/] {e.errors()[0]['msg']}")
+        raise typer.Exit(2) from e
+
+    import uvicorn
+
+    from server.app import create_app
+    from server.broker import EmbeddedBroker
+    from server.logs import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)
+    embedded = None
+    if settings.broker_url == "embedded":
+        embedded = EmbeddedBroker(port=settings.embedded_broker_port)
+        embedded.start()
+        settings = settings.model_copy(update={"broker_url": embedded.url})
+        err.print(f"embedded MQTT broker on {embedded.url}")
+    try:
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+@app.command()
+def demo(
+    exit_after: Annotated[
+        float | None,
+        typer.Option(help="Stop after this many seconds once the demo is done (for scripts)."),
+    ] = None,
+    data_dir: Annotated[
+        Path, typer.Option(help="Where the demo keeps its state; recreated on every run.")
+    ] = Path("edgefleet-demo"),
+    port: Annotated[int, typer.Option(help="HTTP port of the demo server (0: any free).")] = 0,
+) -> None:
+    """Run the loop on embedded defaults: SQLite, an embedded broker, a local artifact folder."""
+    from server.demo import run_demo
+
+    raise typer.Exit(run_demo(data_dir=data_dir, exit_after=exit_after, port=port))
+
+
+@keys_app.command("init")
+def keys_init(
+    keys_dir: Annotated[Path, typer.Option(help="Folder for the key files.")] = Path(
+        "edgefleet-data/keys"
+    ),
+    lifetime_days: Annotated[int, typer.Option(help="Keyring lifetime in days.")] = 90,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+) -> None:
+    """Create the root key, an online key and a signed keyring (only what is missing)."""
+    from server.errors import ServerError
+    from server.keys import init_keys
+
+    try:
+        keys = init_keys(keys_dir, now=datetime.now(UTC), lifetime=timedelta(days=lifetime_days))
+    except ServerError as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(1) from e
+    info = {
+        "keys_dir": str(keys_dir),
+        "root_keyid": keys.root_public.keyid,
+        "root_public_key": keys.root_public.to_base64(),
+        "keyring_version": keys.keyring.version,
+        "keyring_expires_at": keys.keyring.expires_at.isoformat(),
+        "online_keyids": [k.keyid for k in keys.online],
+    }
+    if as_json:
+        sys.stdout.write(json.dumps(info) + "\n")
+        return
+    for name, value in info.items():
+        typer.echo(f"{name:20} {value}")
+    if (keys_dir / "root.key").exists():
+        err.print(
+            "[yellow]root.key[/] signs keyrings only: move it offline; the server runs without it."
+        )
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

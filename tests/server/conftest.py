@@ -1,0 +1,52 @@
+"""Database fixtures: every database test runs on SQLite, and also on the database named by
+``EDGEFLEET_TEST_DATABASE_URL`` when it is set (``.ci/run`` points it at PostgreSQL)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import MetaData
+from sqlalchemy.engine import Engine
+
+from server.db import create_db_engine, migrate
+
+EXTERNAL_URL = os.environ.get("EDGEFLEET_TEST_DATABASE_URL")
+DATABASES = ["sqlite"] + (["external"] if EXTERNAL_URL else [])
+
+
+def database_url(kind: str, tmp_path: Path) -> str:
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'edgefleet-test.db'}"
+    assert EXTERNAL_URL is not None
+    return EXTERNAL_URL
+
+
+def drop_everything(engine: Engine) -> None:
+    metadata = MetaData()
+    metadata.reflect(engine)
+    metadata.drop_all(engine)
+
+
+@pytest.fixture(params=DATABASES)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A URL to an empty database (the external one is wiped before and after)."""
+    url = database_url(request.param, tmp_path)
+    engine = create_db_engine(url)
+    drop_everything(engine)
+    engine.dispose()
+    yield url
+    engine = create_db_engine(url)
+    drop_everything(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    """An engine on a database migrated to the newest schema."""
+    engine = create_db_engine(db_url)
+    migrate(engine)
+    yield engine
+    engine.dispose()
