@@ -31,7 +31,7 @@ import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -157,6 +157,12 @@ class DriftReference(ContractModel):
 
     features: list[FeatureReference] = Field(min_length=1, max_length=4096)
     predictions: PredictionReference | None = None
+    reference_id: str = Field(
+        "",
+        pattern=r"^([0-9a-f]{64})?$",
+        description="SHA-256 of the bin layout, filled in when built; devices copy it into "
+        "their drift sketches, readers check it",
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> DriftReference:
@@ -165,8 +171,7 @@ class DriftReference(ContractModel):
             raise ValueError("feature names in a drift reference must be unique")
         return self
 
-    @property
-    def reference_id(self) -> str:
+    def compute_reference_id(self) -> str:
         """SHA-256 of the bins (not the counts): sketches with the same id can be merged."""
         layout: list[Any] = [[f.name, f.edges] for f in self.features]
         if self.predictions is not None:
@@ -180,6 +185,15 @@ class DriftReference(ContractModel):
             )
         text = json.dumps(layout, separators=(",", ":"), allow_nan=False)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    @model_validator(mode="after")
+    def _fill_or_check_id(self) -> DriftReference:
+        computed = self.compute_reference_id()
+        if not self.reference_id:
+            self.__dict__["reference_id"] = computed  # no re-validation loop
+        elif self.reference_id != computed:
+            raise ValueError("reference_id does not match the reference's bins")
+        return self
 
     @classmethod
     def from_data(
@@ -259,8 +273,6 @@ class PredictionSketch(ContractModel):
 
 class DriftSketch(ContractModel):
     """One window's drift counts on one device, against one reference."""
-
-    MAX_FEATURES: ClassVar[int] = 4096
 
     reference_id: str = Field(pattern=r"^[0-9a-f]{64}$")
     features: list[FeatureSketch] = Field(max_length=4096)

@@ -377,10 +377,12 @@ class BlockHeader(Message):
 
     @model_validator(mode="after")
     def _consistent(self) -> BlockHeader:
-        if self.error is None and self.block_sha256 is None:
+        if self.error is not None:
+            if self.length != 0:
+                raise ValueError("an error block carries no data")
+            return self  # echoes the request's offset, which may be out of range
+        if self.block_sha256 is None:
             raise ValueError("a block without error needs block_sha256")
-        if self.error is not None and self.length != 0:
-            raise ValueError("an error block carries no data")
         if self.offset + self.length > self.total_length:
             raise ValueError("block reaches past the artifact's total length")
         return self

@@ -10,6 +10,9 @@ What always holds:
   or server never strips what a newer peer added.
 - A payload larger than its message's ``MAX_BYTES`` is refused *before* it is
   parsed; :meth:`Message.to_bytes` refuses to produce one.
+- Payloads are parsed strictly (:func:`strict_json_loads`): a key twice in one
+  object, NaN or Infinity anywhere (unknown fields included), or a missing
+  ``schema`` / ``schema_version`` is refused.
 - Encoding is compact UTF-8 JSON. NaN and infinities are not valid JSON: no
   model accepts them, so none is ever sent.
 """
@@ -23,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from shared.errors import MessageError, PayloadTooLargeError
 
-__all__ = ["ContractModel", "Message", "describe_validation_error"]
+__all__ = ["ContractModel", "Message", "describe_validation_error", "strict_json_loads"]
 
 
 class ContractModel(BaseModel):
@@ -42,6 +45,8 @@ def _schema_constants(schema: dict[str, Any], model: type[BaseModel]) -> None:
     name = getattr(model, "SCHEMA", None)
     if name is not None and "schema" in properties:
         properties["schema"]["const"] = name
+        properties["schema"].pop("default", None)
+        properties["schema_version"].pop("default", None)
         schema.setdefault("required", [])
         for key in ("schema", "schema_version"):
             if key not in schema["required"]:
@@ -108,7 +113,16 @@ class Message(ContractModel):
         if len(data) > cls.MAX_BYTES:
             raise PayloadTooLargeError(cls.SCHEMA, len(data), cls.MAX_BYTES)
         try:
-            return cls.model_validate_json(data)
+            decoded = strict_json_loads(data)
+        except ValueError as e:
+            raise MessageError(f"invalid {cls.SCHEMA}: {e}") from e
+        if not isinstance(decoded, dict):
+            raise MessageError(f"invalid {cls.SCHEMA}: the payload is not a JSON object")
+        missing = [k for k in ("schema", "schema_version") if k not in decoded]
+        if missing:
+            raise MessageError(f"invalid {cls.SCHEMA}: missing {' and '.join(missing)}")
+        try:
+            return cls.model_validate(decoded)
         except ValidationError as e:
             raise MessageError(f"invalid {cls.SCHEMA}: {describe_validation_error(e)}") from e
 
@@ -119,6 +133,33 @@ class Message(ContractModel):
             return cls.model_validate(data)
         except ValidationError as e:
             raise MessageError(f"invalid {cls.SCHEMA}: {describe_validation_error(e)}") from e
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"key {key!r} appears twice in one object")
+        result[key] = value
+    return result
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def strict_json_loads(data: bytes | str) -> Any:
+    """Parse JSON as RFC 8259 has it: no NaN or Infinity, and no key twice in an object.
+
+    Parsers disagree on which of two equal keys wins; refusing them means a C device
+    and the Python server can never read one signed document two ways.
+    """
+    try:
+        return json.loads(data, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"the payload is not UTF-8: {e.reason}") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
 
 
 def describe_validation_error(error: ValidationError, limit: int = 8) -> str:

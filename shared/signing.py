@@ -38,6 +38,7 @@ from shared.errors import (
     ThresholdError,
     UnknownKeyError,
 )
+from shared.model import strict_json_loads
 
 __all__ = [
     "Envelope",
@@ -199,11 +200,13 @@ class Envelope(BaseModel):
         if len(data) > limit:
             raise MalformedError(f"signed envelope is {len(data)} bytes, over the limit of {limit}")
         try:
-            return cls.model_validate_json(data)
-        except ValidationError as e:
-            first = e.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "envelope"
-            raise MalformedError(f"not a signed envelope: {where}: {first['msg']}") from e
+            return cls.model_validate(strict_json_loads(data))
+        except ValueError as e:
+            if isinstance(e, ValidationError):
+                first = e.errors()[0]
+                where = ".".join(str(p) for p in first["loc"]) or "envelope"
+                raise MalformedError(f"not a signed envelope: {where}: {first['msg']}") from e
+            raise MalformedError(f"not a signed envelope: {e}") from e
 
     def payload_bytes(self) -> bytes:
         """The payload, decoded but **not verified**; use :func:`verify_envelope`."""

@@ -277,3 +277,14 @@ def test_reference_validation() -> None:
     assert (
         REFERENCE.reference_id == DriftReference.model_validate(REFERENCE.model_dump()).reference_id
     )
+
+
+def test_reference_id_is_carried_and_checked() -> None:
+    data = REFERENCE.model_dump(mode="json")
+    assert data["reference_id"] == REFERENCE.compute_reference_id()
+    assert DriftReference.model_validate(data).reference_id == REFERENCE.reference_id
+    data["features"][0]["edges"][1] += 1e-9  # other bins, stale id
+    with pytest.raises(ValueError, match="does not match"):
+        DriftReference.model_validate(data)
+    del data["reference_id"]
+    assert DriftReference.model_validate(data).reference_id != REFERENCE.reference_id

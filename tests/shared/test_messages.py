@@ -348,3 +348,43 @@ def test_telemetry_round_trips_for_any_values(
 def test_presence_round_trips(device_id: str, status: str) -> None:
     message = Presence(device_id=device_id, status=status)  # type: ignore[arg-type]
     assert Presence.from_bytes(message.to_bytes()) == message
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        (
+            b'{"schema":"ef.presence","schema_version":1,"device_id":"a","device_id":"b",'
+            b'"status":"online"}',
+            "appears twice",
+        ),
+        (
+            b'{"schema":"ef.presence","schema_version":1,"device_id":"a","status":"online",'
+            b'"x_future":NaN}',
+            "NaN",
+        ),
+        (
+            b'{"schema":"ef.presence","schema_version":1,"device_id":"a","status":"online",'
+            b'"x":{"y":Infinity}}',
+            "Infinity",
+        ),
+        (b'{"schema_version":1,"device_id":"a","status":"online"}', "missing schema"),
+        (b'{"schema":"ef.presence","device_id":"a","status":"online"}', "missing schema_version"),
+    ],
+)
+def test_payloads_are_parsed_strictly(raw: bytes, problem: str) -> None:
+    """Two parsers must never read one payload two ways, and NaN is never kept."""
+    with pytest.raises(MessageError, match=problem):
+        Presence.from_bytes(raw)
+
+
+def test_error_blocks_echo_an_out_of_range_request() -> None:
+    header = BlockHeader(
+        request_id="r",
+        sha256=SHA,
+        offset=10**9,
+        length=0,
+        total_length=100,
+        error="offset past end",
+    )
+    assert decode_block(encode_block(header))[0].offset == 10**9

@@ -151,3 +151,10 @@ def test_flipping_any_bit_of_a_signed_envelope_fails_verification(index: int, bi
     assert payload == PAYLOAD
     assert json.loads(tampered) != json.loads(SIGNED) or tampered == SIGNED
     pytest.fail(f"flip at byte {index} bit {bit} was accepted")
+
+
+def test_envelopes_with_a_key_twice_are_malformed() -> None:
+    raw = sign_envelope(PAYLOAD, TYPE, [key("a")]).to_bytes()
+    doubled = raw.replace(b'{"payloadType":', b'{"payloadType":"x","payloadType":', 1)
+    with pytest.raises(MalformedError, match="twice"):
+        Envelope.from_bytes(doubled)
