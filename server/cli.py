@@ -86,17 +86,21 @@ def server(
 
     from server.app import create_app
     from server.broker import EmbeddedBroker
+    from server.errors import ServerError
     from server.logs import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
     embedded = None
-    if settings.broker_url == "embedded":
-        embedded = EmbeddedBroker(port=settings.embedded_broker_port)
-        embedded.start()
-        settings = settings.model_copy(update={"broker_url": embedded.url})
-        err.print(f"embedded MQTT broker on {embedded.url}")
     try:
+        if settings.broker_url == "embedded":
+            embedded = EmbeddedBroker(port=settings.embedded_broker_port)
+            embedded.start()
+            settings = settings.model_copy(update={"broker_url": embedded.url})
+            err.print(f"embedded MQTT broker on {embedded.url}")
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None)
+    except ServerError as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(1) from e
     finally:
         if embedded is not None:
             embedded.stop()
