@@ -32,7 +32,14 @@ from typing import Any, Literal, NamedTuple
 
 import paho.mqtt.client as mqtt
 import pytest
+from hypothesis import HealthCheck, settings
 from paho.mqtt.enums import CallbackAPIVersion
+
+# Property tests: no per-example deadline (CI machines are noisy); explore as usual.
+settings.register_profile(
+    "edgefleet", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "edgefleet"))
 
 TEMPLATE = Path(__file__).parent / "broker" / "mosquitto.conf.template"
 START_TIMEOUT = 10.0

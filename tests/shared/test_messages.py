@@ -309,7 +309,9 @@ counts = st.lists(st.integers(0, 10**9), min_size=1, max_size=20)
     seq=st.integers(0, 2**62),
     inferences=st.integers(0, 10**9),
     feature_counts=counts,
-    latency=st.lists(st.integers(0, 10**6), min_size=N_LATENCY_BUCKETS, max_size=N_LATENCY_BUCKETS),
+    latency=st.dictionaries(
+        st.integers(0, N_LATENCY_BUCKETS - 1), st.integers(0, 10**6), max_size=6
+    ),
     mean=st.floats(allow_nan=False, allow_infinity=False, width=64),
     extra=st.dictionaries(
         st.sampled_from(["x_future", "x_vendor", "x_site"]),
@@ -321,7 +323,7 @@ def test_telemetry_round_trips_for_any_values(
     seq: int,
     inferences: int,
     feature_counts: list[int],
-    latency: list[int],
+    latency: dict[int, int],
     mean: float,
     extra: dict[str, Any],
 ) -> None:
@@ -330,7 +332,7 @@ def test_telemetry_round_trips_for_any_values(
     data["seq"] = seq
     model = data["models"][0]
     model["inferences"] = inferences
-    model["latency_ms"]["counts"] = latency
+    model["latency_ms"]["counts"] = [latency.get(i, 0) for i in range(N_LATENCY_BUCKETS)]
     model["drift"]["features"][0]["counts"] = feature_counts
     model["drift"]["features"][0]["moments"]["mean"] = mean
     report = TelemetryReport.from_dict(data)
