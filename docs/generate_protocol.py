@@ -1430,17 +1430,7 @@ def _drift() -> list[str]:
     sketch = telemetry.models[0].drift
     assert sketch is not None
     feature = reference.features[0]
-    layout: list[Any] = [[f.name, f.edges] for f in reference.features]
-    if reference.predictions is not None:
-        p = reference.predictions
-        layout.append(
-            [
-                None if p.class_counts is None else len(p.class_counts),
-                None if p.confidence_counts is None else len(p.confidence_counts),
-                None if p.value is None else p.value.edges,
-            ]
-        )
-    layout_text = json.dumps(layout, separators=(",", ":"), allow_nan=False)
+    layout_text = reference.layout_json()
     assert hashlib.sha256(layout_text.encode()).hexdigest() == reference.reference_id
     slots = ["underflow"] + [f"bin {i}" for i in range(1, feature.n_bins + 1)]
     slots += ["overflow", "nan"]

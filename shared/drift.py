@@ -171,8 +171,8 @@ class DriftReference(ContractModel):
             raise ValueError("feature names in a drift reference must be unique")
         return self
 
-    def compute_reference_id(self) -> str:
-        """SHA-256 of the bins (not the counts): sketches with the same id can be merged."""
+    def layout_json(self) -> str:
+        """The compact JSON of the bin layout that :meth:`compute_reference_id` hashes."""
         layout: list[Any] = [[f.name, f.edges] for f in self.features]
         if self.predictions is not None:
             p = self.predictions
@@ -183,8 +183,11 @@ class DriftReference(ContractModel):
                     None if p.value is None else p.value.edges,
                 ]
             )
-        text = json.dumps(layout, separators=(",", ":"), allow_nan=False)
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+        return json.dumps(layout, separators=(",", ":"), allow_nan=False)
+
+    def compute_reference_id(self) -> str:
+        """SHA-256 of the bins (not the counts): sketches with the same id can be merged."""
+        return hashlib.sha256(self.layout_json().encode("utf-8")).hexdigest()
 
     @model_validator(mode="after")
     def _fill_or_check_id(self) -> DriftReference:
