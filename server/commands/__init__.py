@@ -1,0 +1,1 @@
+"""The operator commands of `edgefleet`, each talking to the REST API."""

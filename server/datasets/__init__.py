@@ -1,0 +1,1 @@
+"""Datasets: upload, validation, immutable versions, seeded splits, bundled examples."""

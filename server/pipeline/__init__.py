@@ -1,0 +1,1 @@
+"""From a trained model to per-target artifacts: conversion, evaluation, gates, bundles."""

@@ -1,0 +1,1 @@
+"""Training: model specs, Keras models, the trainer and the background job runner."""
