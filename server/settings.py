@@ -43,6 +43,13 @@ class Settings(BaseSettings):
     log_format: Literal["console", "json"] = "console"
     max_artifact_bytes: int = Field(512 * 1024 * 1024, gt=0)
     keyring_lifetime_days: int = Field(90, gt=0)
+    run_jobs: bool = Field(
+        True, description="run queued training jobs in this process (off for API-only replicas)"
+    )
+    max_concurrent_runs: int = Field(1, ge=1, le=64, description="training jobs at once")
+    profiles_dir: Path | None = Field(
+        None, description="folder of <profile>/profile.toml; default: the shipped firmware_images"
+    )
 
     @model_validator(mode="after")
     def _no_dev_secrets_in_production(self) -> Settings:
