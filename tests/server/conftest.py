@@ -17,11 +17,33 @@ EXTERNAL_URL = os.environ.get("EDGEFLEET_TEST_DATABASE_URL")
 DATABASES = ["sqlite"] + (["external"] if EXTERNAL_URL else [])
 
 
-def database_url(kind: str, tmp_path: Path) -> str:
+def database_url(kind: str, tmp_path: Path, schema: str | None) -> str:
     if kind == "sqlite":
         return f"sqlite:///{tmp_path / 'edgefleet-test.db'}"
     assert EXTERNAL_URL is not None
-    return EXTERNAL_URL
+    if schema is None:
+        return EXTERNAL_URL
+    separator = "&" if "?" in EXTERNAL_URL else "?"
+    return f"{EXTERNAL_URL}{separator}options=-csearch_path%3D{schema}"
+
+
+@pytest.fixture(scope="session")
+def external_schema() -> Iterator[str | None]:
+    """A PostgreSQL schema of this test process's own, so concurrent runs never collide."""
+    if not EXTERNAL_URL or not EXTERNAL_URL.startswith("postgresql"):
+        yield None
+        return
+    from sqlalchemy import text
+
+    schema = f"edgefleet_test_{os.getpid()}"
+    engine = create_db_engine(EXTERNAL_URL)
+    with engine.begin() as connection:
+        connection.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        connection.execute(text(f"CREATE SCHEMA {schema}"))
+    yield schema
+    with engine.begin() as connection:
+        connection.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+    engine.dispose()
 
 
 def drop_everything(engine: Engine) -> None:
@@ -31,9 +53,11 @@ def drop_everything(engine: Engine) -> None:
 
 
 @pytest.fixture(params=DATABASES)
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+def db_url(
+    request: pytest.FixtureRequest, tmp_path: Path, external_schema: str | None
+) -> Iterator[str]:
     """A URL to an empty database (the external one is wiped before and after)."""
-    url = database_url(request.param, tmp_path)
+    url = database_url(request.param, tmp_path, external_schema)
     engine = create_db_engine(url)
     drop_everything(engine)
     engine.dispose()
