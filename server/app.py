@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from server import __version__
-from server.api.routes import health, keyring
+from server.api.routes import datasets, health, keyring, models, runs
 from server.artifacts import ArtifactStore
 from server.db import create_db_engine, migrate, session_scope
 from server.errors import ServerError
@@ -53,6 +53,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.artifacts = ArtifactStore(
             settings.artifacts_dir, max_bytes=settings.max_artifact_bytes
         )
+        runner = None
+        if settings.run_jobs:
+            from server.training.jobs import JobRunner
+
+            runner = JobRunner(engine, settings=settings, max_concurrent=settings.max_concurrent_runs)
+            runner.start()
+        app.state.job_runner = runner
         log.info(
             "server ready",
             extra={"data_dir": str(settings.data_dir), "keyring_version": keys.keyring.version},
@@ -60,6 +67,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            if runner is not None:
+                runner.stop()
             engine.dispose()
 
     app = FastAPI(
@@ -75,6 +84,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def server_error(_request: Request, exc: ServerError) -> JSONResponse:
         return JSONResponse(status_code=exc.status_code, content={"detail": str(exc)})
 
-    app.include_router(health.router, prefix=API_PREFIX)
-    app.include_router(keyring.router, prefix=API_PREFIX)
+    for router in (health.router, keyring.router, datasets.router, runs.router, models.router):
+        app.include_router(router, prefix=API_PREFIX)
     return app

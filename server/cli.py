@@ -15,6 +15,9 @@ import typer
 from rich.console import Console
 
 from server import __version__
+from server.commands import datasets as datasets_commands
+from server.commands import models as models_commands
+from server.commands import train as train_commands
 
 app = typer.Typer(
     name="edgefleet",
@@ -25,6 +28,12 @@ app = typer.Typer(
 )
 keys_app = typer.Typer(help="The fleet's signing keys (root, online keys, keyring).")
 app.add_typer(keys_app, name="keys")
+app.add_typer(datasets_commands.app, name="datasets")
+app.command(
+    "train", help="Start a training run on a dataset version (--wait shows its progress)."
+)(train_commands.train)
+app.add_typer(train_commands.app, name="runs")
+app.add_typer(models_commands.app, name="models")
 
 err = Console(stderr=True)
 

@@ -12,7 +12,6 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from server import registry
-from server.api.routes import models as models_routes
 from server.app import create_app
 from server.db import session_scope
 from server.errors import ConflictError, InvalidInputError, NotFoundError
@@ -112,7 +111,6 @@ def test_a_building_version_cannot_be_promoted(engine: Engine) -> None:
 @pytest.fixture
 def client(db_url: str, tmp_path: Path) -> Iterator[TestClient]:
     app = create_app(Settings(data_dir=tmp_path / "data", database_url=db_url))
-    app.include_router(models_routes.router, prefix="/api/v1")
     with TestClient(app) as client:
         with session_scope(app.state.engine) as session:
             seed(session)

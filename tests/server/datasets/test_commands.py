@@ -12,7 +12,6 @@ import pytest
 import uvicorn
 from typer.testing import CliRunner
 
-from server.api.routes.datasets import router
 from server.app import create_app
 from server.commands.datasets import app
 from server.settings import Settings
@@ -25,7 +24,6 @@ runner = CliRunner()
 @pytest.fixture
 def server_url(db_url: str, tmp_path: Path) -> Iterator[str]:
     api = create_app(Settings(data_dir=tmp_path / "data", database_url=db_url))
-    api.include_router(router, prefix="/api/v1")
     server = uvicorn.Server(
         uvicorn.Config(api, host="127.0.0.1", port=0, log_config=None, log_level="warning")
     )

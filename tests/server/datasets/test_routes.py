@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from server.api.routes.datasets import get_ingest_limits, router
+from server.api.routes.datasets import get_ingest_limits
 from server.app import create_app
 from server.datasets.ingest import IngestLimits
 from server.settings import Settings
@@ -25,7 +25,6 @@ GOOD_CSV = (
 @pytest.fixture
 def client(db_url: str, tmp_path: Path) -> Iterator[TestClient]:
     app = create_app(Settings(data_dir=tmp_path / "data", database_url=db_url))
-    app.include_router(router, prefix="/api/v1")
     with TestClient(app) as client:
         yield client
 

@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import sys
 import time
-import types
 from collections.abc import Callable
 from functools import lru_cache
 from typing import TypeVar
 
 import numpy as np
-import pytest
-from fastapi import FastAPI
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, select
+from sqlmodel import select
 
-from server.api.routes.runs import router
-from server.app import API_PREFIX
 from server.datasets.types import DatasetSchema, LoadedDataset
 from server.db import session_scope
-from server.errors import NotFoundError
 from server.models import Dataset, DatasetVersion
 
 T = TypeVar("T")
@@ -150,36 +143,3 @@ def add_dataset_version(
         session.flush()
         assert row.id is not None
         return row.id
-
-
-def _stand_in_resolve_version(session: Session, ref: str) -> DatasetVersion:
-    """What ``server.datasets.service.resolve_version`` does, for when it is not there."""
-    name, _, version = ref.partition("@")
-    query = (
-        select(DatasetVersion)
-        .join(Dataset, Dataset.id == DatasetVersion.dataset_id)  # type: ignore[arg-type]
-        .where(Dataset.name == name)
-        .order_by(DatasetVersion.version.desc())  # type: ignore[attr-defined]
-    )
-    if version:
-        query = query.where(DatasetVersion.version == int(version))
-    found = session.exec(query).first()
-    if found is None:
-        raise NotFoundError(f"no dataset {ref!r}")
-    return found
-
-
-@pytest.fixture
-def datasets_service(monkeypatch: pytest.MonkeyPatch) -> None:
-    try:
-        import server.datasets.service  # noqa: F401
-    except ImportError:
-        stand_in = types.ModuleType("server.datasets.service")
-        stand_in.resolve_version = _stand_in_resolve_version  # type: ignore[attr-defined]
-        monkeypatch.setitem(sys.modules, "server.datasets.service", stand_in)
-
-
-def with_runs_router(app: FastAPI) -> FastAPI:
-    if not any(getattr(r, "path", "") == f"{API_PREFIX}/runs" for r in app.routes):
-        app.include_router(router, prefix=API_PREFIX)
-    return app

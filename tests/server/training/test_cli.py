@@ -29,10 +29,7 @@ from tests.server.training.conftest import (
     add_dataset_version,
     digits_schema,
     wait_for,
-    with_runs_router,
 )
-
-pytestmark = pytest.mark.usefixtures("datasets_service")
 
 FAKE_WORKER = str(Path(__file__).with_name("fake_worker.py"))
 runner = CliRunner()
@@ -80,7 +77,7 @@ def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
     job_runner.start()
     port = _free_port()
     config = uvicorn.Config(
-        with_runs_router(create_app(settings)),
+        create_app(settings),
         host="127.0.0.1",
         port=port,
         log_config=None,

@@ -18,10 +18,9 @@ from tests.server.training.conftest import (
     add_dataset_version,
     digits_schema,
     regression_data,
-    with_runs_router,
 )
 
-pytestmark = [pytest.mark.database, pytest.mark.usefixtures("datasets_service")]
+pytestmark = pytest.mark.database
 
 
 @pytest.fixture
@@ -30,7 +29,7 @@ def client(engine: Engine, db_url: str, tmp_path: Path) -> Iterator[TestClient]:
     add_dataset_version(engine, digits_schema(), name="digits", version=1)
     add_dataset_version(engine, digits_schema(), name="digits", version=2)
     add_dataset_version(engine, regression_data().schema, name="prices", version=1)
-    with TestClient(with_runs_router(create_app(settings))) as client:
+    with TestClient(create_app(settings)) as client:
         yield client
 
 
