@@ -57,7 +57,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.run_jobs:
             from server.training.jobs import JobRunner
 
-            runner = JobRunner(engine, settings=settings, max_concurrent=settings.max_concurrent_runs)
+            runner = JobRunner(
+                engine, settings=settings, max_concurrent=settings.max_concurrent_runs
+            )
             runner.start()
         app.state.job_runner = runner
         log.info(

@@ -29,9 +29,9 @@ app = typer.Typer(
 keys_app = typer.Typer(help="The fleet's signing keys (root, online keys, keyring).")
 app.add_typer(keys_app, name="keys")
 app.add_typer(datasets_commands.app, name="datasets")
-app.command(
-    "train", help="Start a training run on a dataset version (--wait shows its progress)."
-)(train_commands.train)
+app.command("train", help="Start a training run on a dataset version (--wait shows its progress).")(
+    train_commands.train
+)
 app.add_typer(train_commands.app, name="runs")
 app.add_typer(models_commands.app, name="models")
 

@@ -11,7 +11,10 @@ from rich.table import Table
 from server.commands.client import JsonOption, ServerOption, api, emit_json
 
 app = typer.Typer(help="Model versions, their per-target artifacts and gates, and aliases.")
-out = Console()
+
+
+def _console() -> Console:
+    return Console()  # built per command, so it sees the terminal's current width
 
 
 def _fmt(value: Any, spec: str = "") -> str:
@@ -32,7 +35,7 @@ def list_models(server: ServerOption = None, as_json: JsonOption = False) -> Non
     for m in models:
         aliases = ", ".join(f"{a}→v{v}" for a, v in sorted(m["aliases"].items()))
         table.add_row(m["name"], m["task"], _fmt(m["latest_version"]), aliases or "-")
-    out.print(table)
+    _console().print(table)
 
 
 @app.command("show")
@@ -63,19 +66,19 @@ def show(
                 ", ".join(v["targets_passed"]) or "-",
                 v["created_at"][:19],
             )
-        out.print(f"[bold]{data['name']}[/] ({data['task']})")
-        out.print(table)
+        _console().print(f"[bold]{data['name']}[/] ({data['task']})")
+        _console().print(table)
         return
     lineage = data["lineage"]
-    out.print(
+    _console().print(
         f"[bold]{data['model']} v{data['version']}[/] {data['status']} · {data['source']} · "
         f"dataset {lineage['dataset']}@{lineage['dataset_version']} · run {lineage['run_id']}"
         + (f" · aliases {', '.join(data['aliases'])}" if data["aliases"] else "")
     )
     if data["error"]:
-        out.print(f"[red]error:[/] {data['error']}")
+        _console().print(f"[red]error:[/] {data['error']}")
     metrics = {k: v for k, v in data["metrics"].items() if isinstance(v, int | float)}
-    out.print("float model: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    _console().print("float model: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     table = Table(
         "target", "format", "quant", "size KiB", "metric", "Δ vs float", "p50 ms", "gate", "reasons"
     )
@@ -91,7 +94,7 @@ def show(
             "[green]pass[/]" if a["gate_passed"] else "[red]fail[/]",
             "; ".join(a["gate_reasons"]) or (a["error"] or ""),
         )
-    out.print(table)
+    _console().print(table)
 
 
 @app.command("promote")
@@ -108,4 +111,4 @@ def promote(
     if as_json:
         emit_json(data)
         return
-    out.print(f"{data['model']}: {data['alias']} → v{data['version']}")
+    _console().print(f"{data['model']}: {data['alias']} → v{data['version']}")
