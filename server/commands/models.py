@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -112,3 +113,43 @@ def promote(
         emit_json(data)
         return
     _console().print(f"{data['model']}: {data['alias']} → v{data['version']}")
+
+
+@app.command("import")
+def import_model(
+    path: Annotated[Path, typer.Argument(help=".keras file, or a .zip holding one SavedModel.")],
+    name: Annotated[str, typer.Option("--name", help="Model name (new or existing).")],
+    dataset: Annotated[
+        str, typer.Option("--dataset", help="NAME[@VERSION] to evaluate and calibrate on.")
+    ],
+    preprocessing: Annotated[
+        str | None,
+        typer.Option(help="JSON list of preprocessing steps, or @FILE holding it."),
+    ] = None,
+    notes: Annotated[str, typer.Option(help="Free text kept with the version.")] = "",
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the import until it ends.")] = False,
+    server: ServerOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Bring your own model: it goes through the same evaluation, gates and signing."""
+    from server.commands.train import _finish, _follow
+
+    steps = preprocessing or ""
+    if steps.startswith("@"):
+        steps = Path(steps[1:]).read_text()
+    with api(server) as client, path.open("rb") as f:
+        accepted = client.post(
+            f"/models/{name}/imports",
+            files={"file": (path.name, f, "application/octet-stream")},
+            data={"dataset": dataset, "preprocessing": steps, "notes": notes},
+        )
+        run = _follow(client, accepted["run_id"], show=not as_json) if wait else None
+    if as_json:
+        emit_json(run or accepted)
+    else:
+        _console().print(
+            f"import run {accepted['run_id']} queued: {path.name} ({accepted['format']}) as "
+            f"{name}, on {accepted['dataset']}@{accepted['dataset_version']}"
+        )
+    if run is not None:
+        _finish(run, quiet=as_json)

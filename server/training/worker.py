@@ -23,6 +23,7 @@ Exit codes: 0 succeeded, 1 failed, 2 bad usage or settings, 3 cancelled, 143 ter
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -30,6 +31,7 @@ import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -44,6 +46,7 @@ from server.models import TrainingRun
 from server.settings import Settings
 from server.training import jobs
 from server.training.spec import ModelSpec
+from shared.preprocessing import apply_preprocessing
 
 if TYPE_CHECKING:
     from server.datasets.types import LoadedDataset
@@ -260,6 +263,16 @@ def run_worker(
         log.error("training run %s cannot start: %s", run_id, e)
         return EXIT_FAILED
     reporter = _Reporter(engine, run_id, clock)
+    if json.loads(spec_json or "{}").get("kind") == "import":
+        return _run_import(
+            run_id,
+            engine=engine,
+            settings=settings,
+            spec_json=spec_json,
+            model_name=model_name,
+            dataset_version_id=dataset_version_id,
+            reporter=reporter,
+        )
     log.info("training run %s: %s on dataset version %s", run_id, model_name, dataset_version_id)
     try:
         spec = ModelSpec.model_validate_json(spec_json)
@@ -319,6 +332,89 @@ def run_worker(
         return EXIT_TERMINATED
     except Exception as e:
         log.exception("training run %s failed", run_id)
+        with session_scope(engine) as session:
+            jobs.finish_run(session, run_id=run_id, status=jobs.FAILED, error=_message(e))
+        return EXIT_FAILED
+
+
+def _run_import(
+    run_id: int,
+    *,
+    engine: Engine,
+    settings: Settings,
+    spec_json: str,
+    model_name: str,
+    dataset_version_id: int,
+    reporter: _Reporter,
+) -> int:
+    """An import run: load the uploaded model, check and measure it, publish it."""
+    from server.artifacts import ArtifactStore
+    from server.keys import load_fleet_keys
+    from server.pipeline.publish import publish_model_version
+    from server.profiles import load_profiles
+    from server.training import importing
+    from server.training.trainer import environment, evaluate
+
+    log.info("import run %s: %s on dataset version %s", run_id, model_name, dataset_version_id)
+    try:
+        spec = importing.ImportSpec.model_validate_json(spec_json)
+        keys = load_fleet_keys(settings.keys_dir, now=datetime.now(UTC))
+        profiles = load_profiles()
+        store = ArtifactStore(settings.artifacts_dir, max_bytes=settings.max_artifact_bytes)
+        with Session(engine) as session:
+            dataset = _store_loader(settings)(session, dataset_version_id)
+        with session_scope(engine) as session:
+            jobs.set_phase(session, run_id=run_id, phase="loading the model")
+        with importing.temporary_dir() as tmp:
+            model = importing.load_model(
+                store.verify(spec.artifact_sha256).path,
+                model_format=spec.format,
+                input_shape=dataset.schema.input_shape,
+                work_dir=Path(tmp),
+            )
+            steps = list(spec.preprocessing)
+            importing.check_model_against(model, dataset=dataset, preprocessing=steps)
+            x_test = apply_preprocessing(steps, dataset.x_test)
+            metrics = evaluate(model, dataset.schema, x_test, dataset.y_test)
+            with session_scope(engine) as session:
+                jobs.record_results(
+                    session,
+                    run_id=run_id,
+                    metrics={"test": metrics},
+                    environment=environment(),
+                    history=[],
+                    phase="building targets",
+                )
+            with Session(engine) as session:
+                version = publish_model_version(
+                    session,
+                    store=store,
+                    keys=keys,
+                    profiles=profiles,
+                    model_name=model_name,
+                    dataset=dataset,
+                    dataset_version_id=dataset_version_id,
+                    keras_model=model,
+                    preprocessing=steps,
+                    float_metrics=metrics,
+                    source="imported",
+                    run_id=run_id,
+                    on_phase=reporter.phase,
+                )
+                version_id = int(version.id or 0)
+        with session_scope(engine) as session:
+            jobs.finish_run(
+                session,
+                run_id=run_id,
+                status=jobs.SUCCEEDED,
+                model_version_id=version_id,
+                phase="done",
+            )
+        return EXIT_OK
+    except (_Terminated, KeyboardInterrupt):
+        return _cancelled(engine, run_id)
+    except Exception as e:
+        log.exception("import run %s failed", run_id)
         with session_scope(engine) as session:
             jobs.finish_run(session, run_id=run_id, status=jobs.FAILED, error=_message(e))
         return EXIT_FAILED

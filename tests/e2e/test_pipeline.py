@@ -177,3 +177,121 @@ def test_csv_to_signed_per_target_bundles(server: tuple[str, Path], tmp_path: Pa
 
     runs = json.loads(cli("runs", "list", "--json", "--server", url))
     assert runs[0]["status"] == "succeeded"
+
+
+def test_bring_your_own_model(server: tuple[str, Path], tmp_path: Path) -> None:
+    """A .keras file and a zipped SavedModel go through the same evaluation, gates and signing."""
+    import shutil
+
+    import keras
+    import numpy as np
+    from sklearn.datasets import load_wine
+
+    url, _ = server
+    csv = tmp_path / "wine.csv"
+    write_wine_csv(csv)
+    cli("datasets", "add", str(csv), "--name", "wine", "--label", "cultivar", "--server", url)
+
+    wine = load_wine()
+    mean, std = wine.data.mean(axis=0), wine.data.std(axis=0)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((13,)),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit((wine.data - mean) / std, wine.target, epochs=60, verbose=0)
+    model.save(tmp_path / "wine.keras")
+    steps = json.dumps([{"op": "standardize", "mean": mean.tolist(), "std": std.tolist()}])
+
+    imported = runner.invoke(
+        edgefleet,
+        [
+            "models",
+            "import",
+            str(tmp_path / "wine.keras"),
+            "--name",
+            "wine-byo",
+            "--dataset",
+            "wine",
+            "--preprocessing",
+            steps,
+            "--wait",
+            "--json",
+            "--server",
+            url,
+        ],
+    )
+    assert imported.exit_code == 0, imported.output
+    version = json.loads(cli("models", "show", "wine-byo", "latest", "--json", "--server", url))
+    assert version["source"] == "imported" and version["status"] == "ready"
+    assert version["metrics"]["accuracy"] > 0.8
+    assert all(a["error"] is None for a in version["artifacts"])
+    assert any(a["gate_passed"] for a in version["artifacts"])
+
+    # the same model as a zipped SavedModel
+    model.export(tmp_path / "saved")
+    shutil.make_archive(str(tmp_path / "saved"), "zip", tmp_path / "saved")
+    (tmp_path / "steps.json").write_text(steps)
+    again = runner.invoke(
+        edgefleet,
+        [
+            "models",
+            "import",
+            str(tmp_path / "saved.zip"),
+            "--name",
+            "wine-byo",
+            "--dataset",
+            "wine",
+            "--preprocessing",
+            f"@{tmp_path / 'steps.json'}",
+            "--wait",
+            "--server",
+            url,
+        ],
+        env={"COLUMNS": "200"},
+    )
+    assert again.exit_code == 0, again.output
+    assert (
+        json.loads(cli("models", "show", "wine-byo", "2", "--json", "--server", url))["status"]
+        == "ready"
+    )
+
+    # not a model: refused at upload; a model that does not fit: the run fails saying why
+    (tmp_path / "junk.keras").write_bytes(np.random.default_rng(0).bytes(2048))
+    junk = runner.invoke(
+        edgefleet,
+        [
+            "models",
+            "import",
+            str(tmp_path / "junk.keras"),
+            "--name",
+            "wine-byo",
+            "--dataset",
+            "wine",
+            "--server",
+            url,
+        ],
+    )
+    assert junk.exit_code == 1 and "neither a .keras file nor a zipped SavedModel" in junk.output
+    misfit = runner.invoke(
+        edgefleet,
+        [
+            "models",
+            "import",
+            str(tmp_path / "wine.keras"),
+            "--name",
+            "wine-byo",
+            "--dataset",
+            "wine",
+            "--preprocessing",
+            '[{"op": "reshape", "shape": [13, 1]}]',
+            "--wait",
+            "--server",
+            url,
+        ],
+    )
+    assert misfit.exit_code == 1 and "does not accept the dataset's rows" in misfit.output

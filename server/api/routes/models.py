@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, File, Form, UploadFile, status
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from server import registry
 from server.api.deps import ArtifactsDep, SessionDep
-from server.errors import NotFoundError
-from server.models import Model, ModelVersion, TargetArtifact
+from server.errors import ConflictError, InvalidInputError, NotFoundError
+from server.models import Dataset, Model, ModelVersion, TargetArtifact, TrainingRun
 from server.pipeline.types import GateConfig
 
 router = APIRouter(prefix="/models", tags=["models"])
@@ -226,3 +227,83 @@ def set_gates(name: str, gates: GateConfig, session: SessionDep) -> GateConfig:
     registry.set_gates(session, model_name=name, gates=gates)
     session.commit()
     return gates
+
+
+class ImportAccepted(BaseModel):
+    run_id: int
+    status: str
+    model: str
+    dataset: str
+    dataset_version: int
+    format: str
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+@router.post(
+    "/{name}/imports",
+    response_model=ImportAccepted,
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Bring your own model: a .keras file or a zipped SavedModel, for a dataset version",
+)
+def import_model(
+    name: str,
+    session: SessionDep,
+    store: ArtifactsDep,
+    file: Annotated[UploadFile, File(description=".keras file, or a .zip holding one SavedModel")],
+    dataset: Annotated[
+        str, Form(description="NAME or NAME@VERSION: evaluated and calibrated on it")
+    ],
+    preprocessing: Annotated[
+        str,
+        Form(description="JSON list of preprocessing steps from raw rows to the model's input"),
+    ] = "",
+    notes: Annotated[str, Form(max_length=4000)] = "",
+) -> ImportAccepted:
+    """Stored, then evaluated, converted, gated and signed by a worker like a trained model."""
+    from server.datasets.service import resolve_version
+    from server.training.importing import (
+        ImportSpec,
+        detect_format,
+        parse_preprocessing,
+        spec_json,
+    )
+
+    if not _NAME.fullmatch(name):
+        raise InvalidInputError(f"invalid model name {name!r}")
+    version = resolve_version(session, dataset)
+    dataset_row = session.get(Dataset, version.dataset_id)
+    assert dataset_row is not None
+    existing = session.exec(select(Model).where(Model.name == name)).first()
+    if existing is not None and existing.task != dataset_row.task:
+        raise ConflictError(
+            f"model {name!r} is a {existing.task} model; dataset {dataset_row.name!r} is "
+            f"{dataset_row.task}"
+        )
+    steps = parse_preprocessing(preprocessing)
+    stored = store.put_stream(file.file)
+    spec = ImportSpec(
+        artifact_sha256=stored.sha256,
+        filename=(file.filename or "model")[:256],
+        format=detect_format(stored.path),
+        preprocessing=steps,
+        notes=notes,
+    )
+    run = TrainingRun(
+        model_name=name,
+        dataset_version_id=version.id,  # type: ignore[arg-type]
+        status="queued",
+        spec_json=spec_json(spec),
+    )
+    session.add(run)
+    session.commit()
+    session.refresh(run)
+    return ImportAccepted(
+        run_id=run.id,  # type: ignore[arg-type]
+        status=run.status,
+        model=name,
+        dataset=dataset_row.name,
+        dataset_version=version.version,
+        format=spec.format,
+    )
