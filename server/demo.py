@@ -1,12 +1,14 @@
 """``edgefleet demo``: the loop as far as it is built, on embedded defaults, end to end.
 
-It starts the server (SQLite file, embedded broker, local artifact folder), builds
-a real model and converts it with TensorFlow Lite, evaluates it in ai-edge-litert,
-signs it into a bundle, publishes a signed desired state over MQTT, and plays one
-device: the device verifies the manifest and the bundle with ``shared``'s trust
-rules, runs the bundle's self-tests, infers on a normal and on a drifted data
-stream, and reports telemetry with drift sketches; the server side merges them
-and shows the drift. Tampered and replayed documents are refused on the way.
+It starts the server (SQLite file, embedded broker, local artifact folder, the job
+runner), adds the bundled digits dataset, trains the reference CNN as a background
+run, and shows the per-target artifacts the pipeline built -- converted, evaluated in
+each target's runtime, gated and signed -- then promotes the version. It publishes a
+signed desired state over MQTT and plays one device: the device verifies the manifest
+and the bundle with ``shared``'s trust rules, runs the bundle's self-tests, infers on
+a normal and on a drifted data stream, and reports telemetry with drift sketches; the
+server side merges them and shows the drift. Tampered and replayed documents are
+refused on the way.
 
 The device half uses only ``shared`` and the LiteRT runtime, as an agent would.
 """
@@ -22,7 +24,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -31,16 +32,11 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from sqlmodel import Session
 
-from shared.bundle import (
-    BundleManifest,
-    FileRef,
-    TensorSpec,
-    build_bundle,
-    check_target,
-    read_bundle,
-)
-from shared.drift import DriftAccumulator, DriftReference, compare, merge_sketches
+from server.commands.client import ApiClient
+from shared.bundle import check_target, read_bundle
+from shared.drift import DriftAccumulator, compare, merge_sketches
 from shared.errors import ContractError
 from shared.latency import latency_counts, latency_quantile
 from shared.messages import (
@@ -52,7 +48,7 @@ from shared.messages import (
     ModelWindow,
     TelemetryReport,
 )
-from shared.preprocessing import Standardize, apply_preprocessing
+from shared.preprocessing import apply_preprocessing
 from shared.signing import PayloadType, sign_envelope
 from shared.topics import Channel, device_topic, fleet_filter
 from shared.trust import TrustState, accept_desired
@@ -60,19 +56,11 @@ from shared.trust import TrustState, accept_desired
 __all__ = ["run_demo"]
 
 MARKER = ".edgefleet-demo"
-MODEL_NAME = "digits"
+MODEL_NAME = "digits-cnn"
+TRAIN_EPOCHS = 8
 TARGET = "edge-x86_64-litert"
 DEVICE_ID = "demo-cam-1"
 WINDOW_ROWS = 60
-
-
-@dataclass
-class Streams:
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    labels: list[str]
 
 
 def _free_port() -> int:
@@ -91,19 +79,6 @@ def _prepare_dir(data_dir: Path) -> None:
         shutil.rmtree(data_dir)
     data_dir.mkdir(parents=True)
     (data_dir / MARKER).write_text("made by `edgefleet demo`; deleted by its next run\n")
-
-
-def _load_digits() -> Streams:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    x = digits.data.astype(np.float32)
-    y = digits.target.astype(np.int64)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=0.3, random_state=0, stratify=y
-    )
-    return Streams(x_train, y_train, x_test, y_test, [str(i) for i in range(10)])
 
 
 def _drift(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -132,39 +107,6 @@ def _native_stderr_silenced() -> Iterator[None]:
         os.close(devnull)
 
 
-def _train_tflite(streams: Streams, steps: list[Standardize]) -> tuple[bytes, dict[str, float]]:
-    """Fit a softmax classifier and convert it with TensorFlow Lite (float32)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    with _native_stderr_silenced():
-        import tensorflow as tf
-    from sklearn.linear_model import LogisticRegression
-
-    x = apply_preprocessing(steps, streams.x_train)
-    classifier = LogisticRegression(max_iter=2000, C=0.5).fit(x, streams.y_train)
-
-    class Softmax(tf.Module):
-        def __init__(self, weights: np.ndarray, bias: np.ndarray) -> None:
-            super().__init__()
-            self.weights = tf.constant(weights.T.astype(np.float32))
-            self.bias = tf.constant(bias.astype(np.float32))
-
-        @tf.function(input_signature=[tf.TensorSpec([None, 64], tf.float32, name="pixels")])
-        def __call__(self, pixels: tf.Tensor) -> tf.Tensor:
-            return tf.nn.softmax(tf.matmul(pixels, self.weights) + self.bias)
-
-    with _native_stderr_silenced():  # CUDA probing notices on a machine without a GPU
-        module = Softmax(classifier.coef_, classifier.intercept_)
-        converter = tf.lite.TFLiteConverter.from_concrete_functions(
-            [module.__call__.get_concrete_function()], module
-        )
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-        model = converter.convert()
-    float_accuracy = float(
-        classifier.score(apply_preprocessing(steps, streams.x_test), streams.y_test)
-    )
-    return model, {"accuracy": float_accuracy}
-
-
 class LiteRTModel:
     """The model in the runtime it targets, with batch resizing."""
 
@@ -186,6 +128,61 @@ class LiteRTModel:
         self._interpreter.invoke()
         out: np.ndarray = self._interpreter.get_tensor(self._output)
         return out.copy()
+
+
+def _follow_run(client: ApiClient, run_id: int, console: Console) -> dict[str, Any]:
+    """Poll a run with a progress bar over its epochs, then its publishing phases."""
+    with Progress(
+        TextColumn("  {task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} epochs"),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task(f"run {run_id}", total=TRAIN_EPOCHS, detail="queued")
+        while True:
+            run: dict[str, Any] = client.get(f"/runs/{run_id}")
+            state = run.get("progress") or {}
+            detail = run["phase"] or run["status"]
+            loss = state.get("loss")
+            if run["phase"] == "training" and loss is not None:
+                detail = f"loss {loss:.3f}"
+            progress.update(task, completed=state.get("epoch") or 0, detail=detail)
+            if run["status"] in ("succeeded", "failed", "cancelled"):
+                if run["status"] == "succeeded":
+                    progress.update(task, completed=TRAIN_EPOCHS, detail="done")
+                return run
+            time.sleep(0.3)
+
+
+def _print_artifacts(console: Console, version: dict[str, Any]) -> None:
+    table = Table(title=f"{version['model']} v{version['version']}: one artifact per target")
+    left = ("target", "format", "quant", "gate")
+    for column in ("target", "format", "quant", "KiB", "accuracy", "Δ pt", "p50 ms", "gate"):
+        table.add_column(
+            column, justify="left" if column in left else "right", no_wrap=column == "target"
+        )
+    for a in version["artifacts"]:
+        gate = (
+            "[green]pass[/]" if a["gate_passed"] else "[red]fail[/] " + "; ".join(a["gate_reasons"])
+        )
+        table.add_row(
+            a["target"],
+            a["format"],
+            a["quantization"],
+            f"{(a['size_bytes'] or 0) / 1024:.0f}",
+            "-" if a["metric_value"] is None else f"{a['metric_value']:.3f}",
+            "-" if a["metric_delta"] is None else f"{a['metric_delta']:+.2f}",
+            "-" if a["latency_p50_ms"] is None else f"{a['latency_p50_ms']:.3f}",
+            gate,
+        )
+    console.print(table)
+    test = version["metrics"]
+    console.print(
+        f"  float model on the test split: accuracy {test.get('accuracy', 0):.3f}, "
+        f"macro-F1 {test.get('macro_f1', 0):.3f}"
+    )
 
 
 def _start_api(settings: Any, port: int) -> tuple[Any, threading.Thread]:
@@ -265,65 +262,40 @@ def run_demo(*, data_dir: Path, exit_after: float | None, port: int = 0) -> int:
     base_url = f"http://127.0.0.1:{api_port}"
     console.print(f"  API {base_url}/api/v1/health · docs {base_url}/docs · broker {broker.url}")
 
-    step("training a digits classifier and converting it with TensorFlow Lite")
-    streams = _load_digits()
-    mean = streams.x_train.mean(axis=0)
-    std = streams.x_train.std(axis=0)
-    steps = [Standardize(mean=mean.tolist(), std=std.tolist())]
-    model_bytes, float_metrics = _train_tflite(streams, steps)
-    runtime_model = LiteRTModel(model_bytes)
-    probabilities = runtime_model(apply_preprocessing(steps, streams.x_test))
-    litert_accuracy = float((probabilities.argmax(axis=1) == streams.y_test).mean())
+    client = ApiClient(base_url)
+    step("adding the bundled digits dataset (a content-addressed version, seeded splits)")
+    dataset = client.post("/datasets/examples/digits", json={})
     console.print(
-        f"  {len(model_bytes) / 1024:.1f} KiB TFLite model · accuracy "
-        f"{float_metrics['accuracy']:.3f} (float) · {litert_accuracy:.3f} in ai-edge-litert"
+        f"  {dataset['dataset']} v{dataset['version']} · {dataset['rows']} rows · "
+        f"sha256 {dataset['sha256'][:16]}…"
     )
 
-    step("building the drift reference and signing the bundle")
-    train_probs = runtime_model(apply_preprocessing(steps, streams.x_train))
-    reference = DriftReference.from_data(
-        streams.x_train,
-        feature_names=[f"px{i}" for i in range(64)],
-        n_bins=10,
-        probabilities=train_probs,
+    step("training the reference CNN as a background run (queued → running → succeeded)")
+    run = client.post(
+        "/runs",
+        json={"dataset": "digits", "model": MODEL_NAME, "arch": "cnn2d", "epochs": TRAIN_EPOCHS},
     )
-    self_test_rows = streams.x_test[:4]
-    manifest = BundleManifest(
-        model_name=MODEL_NAME,
-        model_version=1,
-        target=TARGET,
-        runtime="litert",
-        min_runtime_version="2.3.0",
-        format="tflite",
-        task="classification",
-        model_file=FileRef(name="model.tflite", sha256="0" * 64, length=1),
-        inputs=[TensorSpec(name="pixels", dtype="float32", shape=[-1, 64])],
-        outputs=[TensorSpec(name="probabilities", dtype="float32", shape=[-1, 10])],
-        feature_names=[f"px{i}" for i in range(64)],
-        labels=streams.labels,
-        preprocessing=steps,
-        metrics={"float": float_metrics, "litert": {"accuracy": litert_accuracy}},
-        drift_reference=reference,
-        self_tests=[
-            {
-                "input": self_test_rows.tolist(),
-                "expected": runtime_model(apply_preprocessing(steps, self_test_rows)).tolist(),
-                "atol": 1e-4,
-            }
-        ],
-        created_at=datetime.now(UTC),
-    )
-    bundle_bytes = build_bundle(manifest, model_bytes, keys.signing_keys)
-    stored = store.put_bytes(bundle_bytes)
-    from server.artifacts import register_artifact
-    from server.db import session_scope
+    run = _follow_run(client, run["id"], console)
+    if run["status"] != "succeeded":
+        raise SystemExit(f"training run {run['id']} {run['status']}: {run.get('error')}")
+    model_version = run["lineage"]["model_version"]
 
-    with session_scope(engine) as session:
-        register_artifact(session, stored=stored, media_type="application/vnd.edgefleet.bundle")
-    console.print(
-        f"  bundle {stored.sha256[:16]}… · {stored.length / 1024:.1f} KiB · signed by online key "
-        f"{keys.signing_keys[0].keyid[:12]}…"
-    )
+    step("per-target artifacts: converted, evaluated in the target runtime, gated, signed")
+    version = client.get(f"/models/{MODEL_NAME}/versions/{model_version}")
+    _print_artifacts(console, version)
+    client.put(f"/models/{MODEL_NAME}/aliases/candidate", json={"version": str(model_version)})
+    console.print(f"  {MODEL_NAME} v{model_version} promoted to [bold]candidate[/]")
+    artifact = next(a for a in version["artifacts"] if a["target"] == TARGET)
+    if not artifact["gate_passed"]:
+        raise SystemExit(f"the {TARGET} artifact failed its gates: {artifact['gate_reasons']}")
+    with store.open(artifact["bundle_sha256"]) as f:
+        bundle_bytes = f.read()
+    stored = store.verify(artifact["bundle_sha256"])
+    from server.datasets.service import load_dataset_version, resolve_version
+
+    with Session(engine) as session:
+        row = resolve_version(session, f"{dataset['dataset']}@{dataset['version']}")
+        streams = load_dataset_version(session, store=store, dataset_version_id=row.id)
 
     step(f"publishing a signed desired state for {DEVICE_ID} (retained, QoS 1)")
     now = datetime.now(UTC)
@@ -338,7 +310,7 @@ def run_demo(*, data_dir: Path, exit_after: float | None, port: int = 0) -> int:
             deployments=[
                 Deployment(
                     model_name=MODEL_NAME,
-                    model_version=1,
+                    model_version=model_version,
                     target=TARGET,
                     artifact=ArtifactRef(sha256=stored.sha256, length=stored.length),
                 )
@@ -432,7 +404,7 @@ def run_demo(*, data_dir: Path, exit_after: float | None, port: int = 0) -> int:
                     models=[
                         ModelWindow(
                             model_name=MODEL_NAME,
-                            model_version=1,
+                            model_version=model_version,
                             target=TARGET,
                             inferences=len(rows),
                             latency_ms=LatencyHistogram(counts=latency_counts(latencies).tolist()),
@@ -458,7 +430,11 @@ def run_demo(*, data_dir: Path, exit_after: float | None, port: int = 0) -> int:
     summary = {}
     for name in ("normal", "drifted"):
         merged = merge_sketches(stream_sketches[name])
-        results = sorted(compare(reference, merged), key=lambda d: d.psi, reverse=True)
+        results = sorted(
+            compare(bundle.manifest.drift_reference, merged),  # type: ignore[arg-type]
+            key=lambda d: d.psi,
+            reverse=True,
+        )
         summary[name] = (
             float(np.median([d.psi for d in results])),
             sum(d.psi >= 0.25 for d in results),
