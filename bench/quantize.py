@@ -209,6 +209,17 @@ def main() -> None:
                 else "gate failed: " + "; ".join(build.gate.reasons),
             )
         )
+    pipeline_seconds = train_seconds + sum(seconds.values())
+    lines.append(
+        row(
+            f"whole pipeline: train {epochs} epochs + convert + evaluate, {len(profiles)} profiles",
+            f"{pipeline_seconds:.1f} s",
+            f"{train_seconds:.1f} s (training alone)",
+            f"{pipeline_seconds / train_seconds:.2f}",
+            "≤ 90 s",
+            verdict(pipeline_seconds <= 90.0),
+        )
+    )
     print("\n".join(lines))
 
 
