@@ -76,6 +76,8 @@ def show(
         f"dataset {lineage['dataset']}@{lineage['dataset_version']} · run {lineage['run_id']}"
         + (f" · aliases {', '.join(data['aliases'])}" if data["aliases"] else "")
     )
+    if data["notes"]:
+        _console().print(f"notes: {data['notes']}")
     if data["error"]:
         _console().print(f"[red]error:[/] {data['error']}")
     metrics = {k: v for k, v in data["metrics"].items() if isinstance(v, int | float)}
@@ -153,3 +155,20 @@ def import_model(
         )
     if run is not None:
         _finish(run, quiet=as_json)
+
+
+@app.command("note")
+def note(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    version: Annotated[str, typer.Argument(help="Version number, alias or 'latest'.")],
+    text: Annotated[str, typer.Argument(help="The notes (replaces the version's notes).")],
+    server: ServerOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Keep notes with a version (why it exists, what changed, who asked)."""
+    with api(server) as client:
+        data = client.request("PATCH", f"/models/{name}/versions/{version}", json={"notes": text})
+    if as_json:
+        emit_json(data)
+        return
+    _console().print(f"{data['model']} v{data['version']}: notes saved")

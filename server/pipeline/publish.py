@@ -122,6 +122,7 @@ def publish_model_version(
     run_id: int | None,
     on_phase: Callable[[str], None] | None = None,
     build: Callable[..., list[TargetBuild]] | None = None,
+    notes: str = "",
 ) -> ModelVersion:
     """Register a new version of ``model_name`` with one artifact per profile.
 
@@ -156,6 +157,7 @@ def publish_model_version(
         status="building",
         metrics_json=json.dumps(float_metrics, default=_jsonable),
         preprocessing_json=json.dumps([step.model_dump() for step in preprocessing]),
+        notes=notes,
     )
     session.add(version)
     session.commit()

@@ -400,6 +400,7 @@ def _run_import(
                     source="imported",
                     run_id=run_id,
                     on_phase=reporter.phase,
+                    notes=spec.notes,
                 )
                 version_id = int(version.id or 0)
         with session_scope(engine) as session:

@@ -175,6 +175,9 @@ def test_csv_to_signed_per_target_bundles(server: tuple[str, Path], tmp_path: Pa
         "edge-arm64-litert",
     )
 
+    cli("models", "note", "wine-mlp", "production", "first wine model", "--server", url)
+    assert "notes: first wine model" in cli("models", "show", "wine-mlp", "1", "--server", url)
+
     runs = json.loads(cli("runs", "list", "--json", "--server", url))
     assert runs[0]["status"] == "succeeded"
 

@@ -14,6 +14,7 @@ def test_shipped_profiles_cover_every_kind_of_target() -> None:
     assert ("onnxruntime", "onnx", "float32") in by_runtime  # cloud
     assert ("onnxruntime", "onnx", "int8") in by_runtime  # on-prem
     assert ("litert", "tflite", "int8") in by_runtime  # edge arm64
+    assert ("litert", "tflite", "dynamic-int8") in by_runtime  # edge arm64, float I/O
     assert ("litert", "tflite", "float16") in by_runtime  # edge GPU
     assert ("tflite-runtime", "tflite", "int8") in by_runtime  # legacy
     legacy = profiles["legacy-armv7-tflite"]

@@ -142,3 +142,7 @@ def test_registry_api(client: TestClient) -> None:
         client.put("/api/v1/models/vib-clf/gates", json={"max_metric_drop": -1}).status_code == 422
     )
     assert GateConfig.model_validate(client.get("/api/v1/models/vib-clf").json()["gates"])
+    noted = client.patch("/api/v1/models/vib-clf/versions/2", json={"notes": "retrained, site B"})
+    assert noted.json()["notes"] == "retrained, site B"
+    assert client.get("/api/v1/models/vib-clf/versions/2").json()["notes"] == "retrained, site B"
+    assert client.patch("/api/v1/models/vib-clf/versions/9", json={"notes": "x"}).status_code == 404

@@ -70,6 +70,7 @@ class VersionView(BaseModel):
     version: int
     status: str
     source: str
+    notes: str
     error: str | None
     created_at: datetime
     aliases: list[str]
@@ -78,6 +79,10 @@ class VersionView(BaseModel):
     preprocessing: list[dict[str, Any]]
     run: dict[str, Any] | None
     artifacts: list[ArtifactView]
+
+
+class VersionUpdate(BaseModel):
+    notes: str = Field(max_length=4000, description="free text kept with the version")
 
 
 class PromoteRequest(BaseModel):
@@ -179,6 +184,7 @@ def show_version(name: str, version: str, session: SessionDep) -> VersionView:
         version=v.version,
         status=v.status,
         source=v.source,
+        notes=v.notes,
         error=v.error,
         created_at=v.created_at,
         aliases=detail.aliases,
@@ -188,6 +194,21 @@ def show_version(name: str, version: str, session: SessionDep) -> VersionView:
         run=run,
         artifacts=[_artifact_view(detail.model, v, a) for a in detail.artifacts],
     )
+
+
+@router.patch(
+    "/{name}/versions/{version}",
+    response_model=VersionView,
+    summary="Edit a version's notes (everything else about a version is immutable)",
+)
+def update_version(
+    name: str, version: str, body: VersionUpdate, session: SessionDep
+) -> VersionView:
+    found = registry.get_version(session, model_name=name, version=version)
+    found.notes = body.notes
+    session.add(found)
+    session.commit()
+    return show_version(name, str(found.version), session)
 
 
 @router.get(
