@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -108,6 +109,138 @@ def verify(
     typer.echo(f"OK  {m.model_name} v{m.model_version} for {m.target} ({m.runtime}, {m.format})")
     for key in ("sha256", "length", "model_sha256", "self_tests", "metrics"):
         typer.echo(f"    {key:13} {info[key]}")
+
+
+ConfigOption = Annotated[Path, typer.Option("--config", help="The agent's TOML file.")]
+
+
+@app.command()
+def run(config: ConfigOption) -> None:
+    """Run the agent: serve the last good model, take signed updates, report telemetry."""
+    import signal
+    import threading
+
+    from agent.agent import Agent
+    from agent.config import load_config
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+    )
+    try:
+        agent = Agent(load_config(config))
+        agent.start()
+    except ConfigError as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2) from e
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    address = getattr(agent, "api_address", None)
+    err.print(f"agent {agent.config.device_id} running; local API {address}")
+    stop.wait()
+    agent.stop()
+
+
+@app.command()
+def status(config: ConfigOption, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """What the running agent serves, its version, connection state and outbox depth."""
+    from agent.config import load_config
+
+    cfg = _config_or_exit(config, load_config)
+    data = _local_api(cfg, "GET", "/v1/status")
+    if as_json:
+        sys.stdout.write(json.dumps(data) + "\n")
+        return
+    for key, value in data.items():
+        typer.echo(f"{key:17} {value}")
+
+
+@app.command()
+def predict(
+    config: ConfigOption,
+    input_file: Annotated[
+        Path, typer.Option("--input", help="JSON (a row or a list of rows) or .npy file.")
+    ],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Predict offline with the active model, straight from the device's model store."""
+    import numpy as np
+
+    from agent.config import load_config
+    from agent.runtime import InputError, LoadedModel
+    from agent.store import ModelStore
+    from agent.updater import TrustStore
+
+    cfg = _config_or_exit(config, load_config)
+    try:
+        rows = (
+            np.load(input_file, allow_pickle=False)
+            if input_file.suffix == ".npy"
+            else np.asarray(json.loads(input_file.read_text()), dtype=np.float64)
+        )
+    except (OSError, ValueError) as e:
+        err.print(f"[red]error:[/] cannot read {input_file}: {e}")
+        raise typer.Exit(2) from e
+    trust = TrustStore(
+        cfg.data_dir, root_keys=cfg.root_keys(), root_threshold=cfg.trust.root_threshold
+    ).load(now=datetime.now(UTC))
+    if trust.keyring is None:
+        err.print("[red]error:[/] no model has been installed on this device yet")
+        raise typer.Exit(1)
+    bundles = ModelStore(cfg.data_dir).load_active(
+        trusted_keys=trust.keyring.verify_keys(), threshold=trust.keyring.threshold
+    )
+    if not bundles:
+        err.print("[red]error:[/] no verified model is active on this device")
+        raise typer.Exit(1)
+    name, bundle = sorted(bundles.items())[0]
+    try:
+        result = LoadedModel.load(bundle, limits=cfg.limits).predict(rows)
+    except InputError as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(1) from e
+    out = {
+        "model": name,
+        "version": bundle.manifest.model_version,
+        "labels": result.labels,
+        "confidence": None if result.confidence is None else result.confidence.tolist(),
+        "outputs": result.outputs.tolist(),
+    }
+    if as_json:
+        sys.stdout.write(json.dumps(out) + "\n")
+        return
+    typer.echo(f"{name} v{out['version']}")
+    for i, row in enumerate(result.outputs):
+        label = None if result.labels is None else result.labels[i]
+        conf = None if result.confidence is None else float(result.confidence[i])
+        typer.echo(
+            f"  {i}: {label if label is not None else row.tolist()}"
+            + (f"  ({conf:.3f})" if conf is not None else "")
+        )
+
+
+def _config_or_exit(path: Path, loader: Any) -> Any:
+    try:
+        return loader(path)
+    except ConfigError as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2) from e
+
+
+def _local_api(cfg: Any, method: str, path: str) -> Any:
+    import http.client
+
+    try:
+        connection = http.client.HTTPConnection(cfg.http.host, cfg.http.port, timeout=10)
+        connection.request(method, path)
+        response = connection.getresponse()
+        return json.loads(response.read())
+    except (OSError, ValueError) as e:
+        err.print(
+            f"[red]error:[/] no agent answers on {cfg.http.host}:{cfg.http.port} ({e}); "
+            "is `edgefleet-agent run` running?"
+        )
+        raise typer.Exit(1) from e
 
 
 def main() -> None:
