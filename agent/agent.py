@@ -415,7 +415,7 @@ class Agent:
 
     def _download(self, deployment: Deployment) -> Path:
         download = self.config.download
-        dest = self.store.temp_path().parent
+        dest = self.store.tmp_dir
         if download.method == "http":
             if not download.http_base_url or not deployment.artifact.url:
                 raise DownloadError("HTTP download configured, but no URL for the artifact")

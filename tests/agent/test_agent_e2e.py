@@ -184,7 +184,9 @@ def test_update_verify_activate_report_refuse_and_restart_offline(
             retain=True,
         )
         wait_for(
-            lambda: agent.trust.manifest_version == 6 and agent.last_update.outcome == "rejected"
+            lambda: (
+                agent.last_update.manifest_version == 6 and agent.last_update.outcome == "rejected"
+            )
         )
         assert agent.last_update.reason in ("hash_mismatch", "bad_signature", "malformed")
         assert agent.active_model().manifest.model_version == 1
