@@ -36,3 +36,11 @@ def test_quantize_bench_quick_meets_the_size_and_accuracy_goals() -> None:
     goals = [line for line in table if "≤" in line and "whole pipeline" not in line]
     assert len(goals) == 4, out
     assert all(line.rstrip(" |").endswith("pass") for line in goals), out
+
+
+@pytest.mark.slow
+def test_agent_bench_quick_measures_every_figure() -> None:
+    """Its goals are issue 4's open work: the bench must run and report them, pass or short."""
+    out = run("agent.py")
+    for figure in ("bare invoke() p50", "RSS after loading", "cold start"):
+        assert figure in out, out

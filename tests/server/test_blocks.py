@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -263,6 +264,10 @@ def test_a_request_speaking_for_another_device_is_dropped_and_counted(
     barrier = device.ask(stored.sha256, count=1)
     header, _ = device.frame()
     assert header.request_id == barrier and header.error is None  # nothing came before it
+    # the frame can arrive before the worker counts it: wait for the count, briefly
+    deadline = time.monotonic() + 10
+    while server.stats()["blocks"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
     stats = server.stats()
     assert stats["rejected"]["device_mismatch"] == 1
     assert stats["rejected"]["malformed"] == 2

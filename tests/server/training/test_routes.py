@@ -25,7 +25,8 @@ pytestmark = pytest.mark.database
 
 @pytest.fixture
 def client(engine: Engine, db_url: str, tmp_path: Path) -> Iterator[TestClient]:
-    settings = Settings(data_dir=tmp_path / "data", database_url=db_url)
+    # this suite drives runs itself: the app's own job runner stays off
+    settings = Settings(data_dir=tmp_path / "data", database_url=db_url, run_jobs=False)
     add_dataset_version(engine, digits_schema(), name="digits", version=1)
     add_dataset_version(engine, digits_schema(), name="digits", version=2)
     add_dataset_version(engine, regression_data().schema, name="prices", version=1)

@@ -1,0 +1,310 @@
+"""The agent's serving cost, against baselines measured in the same run.
+
+Figures (issue 4's targets):
+
+- ``predict()`` p50 with monitoring on, single digits row, divided by the bare
+  ``Interpreter.invoke()`` p50 on the same model (target ≤ 1.15), and divided by
+  invoke with its ``set_tensor``/``get_tensor`` (what any caller must do);
+- RSS of a process that has loaded the model through the agent (target ≤ 80 MB),
+  beside a bare Python that imported numpy;
+- cold start: ``edgefleet-agent run`` process start to the first prediction served over
+  its local API (target ≤ 1.5 s), beside the start of a bare ``python -c 'import numpy'``.
+
+    python bench/agent.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Run as ``python bench/agent.py``, this file's folder comes first on sys.path and its
+# name would hide the ``agent`` package: take the folder off the path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+
+def reference_bundle(work: Path, epochs: int) -> tuple[bytes, Path, str, object]:
+    """Train the digits reference CNN, convert it, sign it; lay out a device data dir."""
+    from server.datasets.builtin import load_example
+    from server.datasets.service import split_indices
+    from server.datasets.types import LoadedDataset
+    from server.keys import init_keys
+    from server.pipeline.convert import convert_tflite
+    from server.pipeline.evaluate import LiteRTRunner
+    from server.pipeline.targets import self_test_atol
+    from server.training.spec import default_spec
+    from server.training.trainer import train_model
+    from shared.bundle import BundleManifest, FileRef, SelfTest, build_bundle, read_bundle
+    from shared.preprocessing import apply_preprocessing
+
+    parsed = load_example("digits")
+    splits = split_indices(parsed.y, task="classification", seed=0, fractions=(0.7, 0.15, 0.15))
+    data = LoadedDataset(
+        dataset_name="digits",
+        version=1,
+        sha256=parsed.content_sha256,
+        schema=parsed.schema,
+        x_train=parsed.x[splits["train"]],
+        y_train=parsed.y[splits["train"]],
+        x_val=parsed.x[splits["validation"]],
+        y_val=parsed.y[splits["validation"]],
+        x_test=parsed.x[splits["test"]],
+        y_test=parsed.y[splits["test"]],
+    )
+    spec = default_spec("cnn2d", parsed.schema).model_copy(update={"epochs": epochs})
+    trained = train_model(spec, data)
+    steps = list(trained.preprocessing)
+    model = convert_tflite(
+        trained.model,
+        quantization="float32",
+        representative=apply_preprocessing(steps, data.x_train[:200]),
+    )
+    runner = LiteRTRunner(model)
+    rows = data.x_test[:4]
+    expected = runner.predict(apply_preprocessing(steps, rows))
+    keys = init_keys(work / "keys", now=datetime.now(UTC), lifetime=timedelta(days=1))
+    manifest = BundleManifest(
+        model_name="digits",
+        model_version=1,
+        target="edge-x86_64-litert",
+        runtime="litert",
+        min_runtime_version="2.3.0",
+        format="tflite",
+        task="classification",
+        model_file=FileRef(name="model.tflite", sha256="0" * 64, length=len(model)),
+        inputs=runner.inputs,
+        outputs=runner.outputs,
+        feature_names=parsed.schema.feature_names,
+        labels=parsed.schema.class_names,
+        preprocessing=steps,
+        drift_reference=__import__(
+            "shared.drift", fromlist=["DriftReference"]
+        ).DriftReference.from_data(
+            data.x_train,
+            feature_names=parsed.schema.feature_names,
+            probabilities=trained.model.predict(
+                apply_preprocessing(steps, data.x_train), verbose=0
+            ),
+        ),
+        self_tests=[
+            SelfTest(
+                input=rows.tolist(),
+                expected=expected.tolist(),
+                atol=self_test_atol(
+                    format="tflite",
+                    quantization="float32",
+                    outputs=runner.outputs,
+                    expected=expected,
+                ),
+            )
+        ],
+        created_at=datetime.now(UTC),
+    )
+    bundle_bytes = build_bundle(manifest, model, keys.signing_keys)
+    bundle = read_bundle(bundle_bytes, trusted_keys=keys.keyring.verify_keys())
+    # a device that already runs it: trust state, staged bundle, active pointer
+    from agent.store import BundleRef, ModelStore
+    from agent.updater import TrustStore
+    from shared.trust import TrustState, accept_keyring
+
+    device = work / "device"
+    state = accept_keyring(
+        TrustState.from_root_keys([keys.root_public]), keys.keyring_envelope, now=datetime.now(UTC)
+    )
+    TrustStore(device, root_keys=[keys.root_public]).save(
+        state, keyring_envelope=keys.keyring_envelope
+    )
+    store = ModelStore(device)
+    tmp = store.temp_path()
+    tmp.write_bytes(bundle_bytes)
+    from shared.integrity import sha256_hex
+
+    sha = sha256_hex(bundle_bytes)
+    store.stage(tmp, sha256=sha, length=len(bundle_bytes))
+    store.activate(
+        "digits",
+        BundleRef(
+            sha256=sha, length=len(bundle_bytes), model_version=1, target="edge-x86_64-litert"
+        ),
+    )
+    return model, device, keys.root_public.to_base64(), (bundle, data)
+
+
+def p50(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
+    for _ in range(min(200, repeats)):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter_ns()
+        fn()
+        times.append(time.perf_counter_ns() - t0)
+    return statistics.median(times) / 1e3  # µs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer epochs and repeats (CI)")
+    args = parser.parse_args()
+    repeats = 2000 if args.quick else 20000
+    work = Path(tempfile.mkdtemp(prefix="edgefleet-bench-agent-"))
+    model, device, root_key, (bundle, data) = reference_bundle(work, 2 if args.quick else 10)
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    from agent.monitoring import WindowMonitor
+    from agent.runtime import LoadedModel
+    from shared.preprocessing import apply_preprocessing
+
+    interpreter = Interpreter(model_content=model)
+    interpreter.allocate_tensors()
+    inp = interpreter.get_input_details()[0]["index"]
+    out = interpreter.get_output_details()[0]["index"]
+    row = data.x_test[:1]
+    x = apply_preprocessing(bundle.manifest.preprocessing, row)
+    interpreter.set_tensor(inp, x)
+    bare_invoke = p50(interpreter.invoke, repeats)
+
+    def invoke_io() -> None:
+        interpreter.set_tensor(inp, x)
+        interpreter.invoke()
+        interpreter.get_tensor(out)
+
+    bare_io = p50(invoke_io, repeats)
+    loaded = LoadedModel.load(bundle)
+    monitor = WindowMonitor(device_id="bench", window_seconds=3600)
+    monitor.set_model(bundle.manifest)
+
+    def monitored() -> None:
+        t0 = time.perf_counter()
+        prediction = loaded.predict(row)
+        monitor.record(row, prediction, (time.perf_counter() - t0) * 1000)
+
+    predict_monitored = p50(monitored, repeats)
+
+    rss_code = (
+        "import sys, json; from pathlib import Path; from datetime import UTC, datetime\n"
+        "from agent.store import ModelStore; from agent.updater import TrustStore\n"
+        "from agent.runtime import LoadedModel; from shared.signing import VerifyKey\n"
+        "d = Path(sys.argv[1]); k = VerifyKey.from_base64(sys.argv[2])\n"
+        "t = TrustStore(d, root_keys=[k]).load(now=datetime.now(UTC))\n"
+        "b = ModelStore(d).load_active(trusted_keys=t.keyring.verify_keys())['digits']\n"
+        "m = LoadedModel.load(b); m.predict([[0.0] * 64])\n"
+        "print(int(open('/proc/self/statm').read().split()[1]) * 4096)\n"
+    )
+    rss = int(subprocess.check_output([sys.executable, "-c", rss_code, str(device), root_key]))
+    rss_base = int(
+        subprocess.check_output(
+            [
+                sys.executable,
+                "-c",
+                "import numpy; print(int(open('/proc/self/statm').read().split()[1]) * 4096)",
+            ]
+        )
+    )
+
+    port = free_port()
+    config = work / "agent.toml"
+    config.write_text(
+        f'device_id = "bench-1"\nprofile = "edge-x86_64-litert"\ndata_dir = "{device}"\n'
+        f'[trust]\nroot_keys = ["{root_key}"]\n[http]\nport = {port}\n'
+    )
+    agent_exe = Path(sys.executable).parent / "edgefleet-agent"
+    body = json.dumps({"instances": row.tolist()}).encode()
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        [str(agent_exe), "run", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    cold = None
+    try:
+        while time.perf_counter() - started < 60:
+            try:
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/v1/predict",
+                    data=body,
+                    headers={"Content-Type": "application/json"},
+                )
+                with urllib.request.urlopen(request, timeout=2) as response:  # noqa: S310
+                    if response.status == 200:
+                        cold = time.perf_counter() - started
+                        break
+            except OSError:
+                time.sleep(0.01)
+    finally:
+        process.terminate()
+        process.wait(10)
+    started = time.perf_counter()
+    subprocess.check_call([sys.executable, "-c", "import numpy"])
+    cold_base = time.perf_counter() - started
+
+    def row_(name: str, value: str, base: str, ratio: float, goal: str, ok: bool | None) -> str:
+        verdict = "info" if ok is None else ("pass" if ok else "short")
+        return f"| {name} | {value} | {base} | {ratio:.2f} | {goal} | {verdict} |"
+
+    print("| figure | value | baseline | ratio | goal | pass/short |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    print(
+        row_(
+            "predict() with monitoring p50 / bare invoke() p50",
+            f"{predict_monitored:.1f} us",
+            f"{bare_invoke:.1f} us",
+            predict_monitored / bare_invoke,
+            "≤ 1.15",
+            predict_monitored / bare_invoke <= 1.15,
+        )
+    )
+    print(
+        row_(
+            "predict() with monitoring p50 / set+invoke+get p50",
+            f"{predict_monitored:.1f} us",
+            f"{bare_io:.1f} us",
+            predict_monitored / bare_io,
+            "info",
+            None,
+        )
+    )
+    print(
+        row_(
+            "RSS after loading the model (agent)",
+            f"{rss / 2**20:.1f} MB",
+            f"{rss_base / 2**20:.1f} MB (python + numpy)",
+            rss / rss_base,
+            "≤ 80 MB",
+            rss <= 80 * 2**20,
+        )
+    )
+    if cold is None:
+        print("| cold start | did not serve within 60 s | | | ≤ 1.5 s | short |")
+    else:
+        print(
+            row_(
+                "cold start: process start → first prediction over the local API",
+                f"{cold:.2f} s",
+                f"{cold_base:.2f} s (python -c 'import numpy')",
+                cold / cold_base,
+                "≤ 1.5 s",
+                cold <= 1.5,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
