@@ -93,6 +93,9 @@ class Agent:
         self._threads: list[threading.Thread] = []
         self._state_dirty = threading.Event()
         self.runtimes = available_runtimes()
+        self._refused: set[str] = set()
+        self._last_desired: bytes | None = None
+        self._retry_at: float | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -229,6 +232,10 @@ class Agent:
                     self._offer_desired(bytes(message.payload))
             if self.monitor.window_due():
                 self._close_window()
+            if self._retry_at is not None and self._clock() >= self._retry_at:
+                self._retry_at = None
+                if self._last_desired is not None:
+                    self._offer_desired(self._last_desired)  # retry a failed install
             connected = self.transport is not None and self.transport.connected.is_set()
             if self._state_dirty.is_set() and connected:
                 self._state_dirty.clear()
@@ -338,12 +345,15 @@ class Agent:
             self._finish(None, UpdateOutcome.REJECTED, str(reason), str(e))
             self._event(EventKind.REJECTED, reason=str(reason), detail=str(e)[:1000])
             return None
-        if not plan.is_new:
+        self._last_desired = payload
+        if plan.is_new:
+            self.trust = plan.state
+            self.trust_store.save(plan.state, keyring_envelope=_keyring_envelope(payload))
+            self._refused.clear()
+        pending = [d for d in plan.fetch if d.artifact.sha256 not in self._refused]
+        if not plan.is_new and not pending:
             return plan
-        message_keyring = _keyring_envelope(payload)
-        self.trust = plan.state
-        self.trust_store.save(plan.state, keyring_envelope=message_keyring)
-        for deployment in plan.fetch:
+        for deployment in pending:
             self._install(deployment, plan)
         for name in plan.remove:
             self.store.deactivate(name)
@@ -382,13 +392,16 @@ class Agent:
             trial.run_self_tests()
             self.store.stage(path, sha256=ref.sha256, length=ref.length)
         except ContractError as e:
+            self._discard(ref.sha256)
             reason = str(getattr(e, "reason", RejectReason.MALFORMED))
             self._reject(plan, deployment, reason, e)
             return
         except ModelRuntimeError as e:
+            self._discard(ref.sha256)
             self._reject(plan, deployment, "self_test_failed", e)
             return
         except (DownloadError, OSError) as e:
+            self._retry_at = self._clock() + self.config.limits.backoff_max_seconds
             self._finish(plan, UpdateOutcome.FAILED, "download_failed", str(e))
             self._event(
                 EventKind.FAILED, deployment, reason="download_failed", detail=str(e)[:1000]
@@ -412,6 +425,11 @@ class Agent:
             self._finish(plan, UpdateOutcome.ACTIVATED, None, None)
         else:
             self._roll_back(plan, deployment)
+
+    def _discard(self, sha256: str) -> None:
+        """Nothing from a refused artifact stays on the device (partial or complete)."""
+        for name in (sha256, f"{sha256}.part", f"{sha256}.part.json"):
+            (self.store.tmp_dir / name).unlink(missing_ok=True)
 
     def _download(self, deployment: Deployment) -> Path:
         download = self.config.download
@@ -471,6 +489,7 @@ class Agent:
     def _reject(
         self, plan: UpdatePlan, deployment: Deployment, reason: str, error: Exception
     ) -> None:
+        self._refused.add(deployment.artifact.sha256)  # not fetched again for this manifest
         log.warning(
             "%s v%s refused (%s): %s",
             deployment.model_name,

@@ -14,7 +14,8 @@ What always holds:
 - A deployment for another profile, or for a runtime this device does not have, is
   refused as a whole (``wrong_target``) before anything is fetched.
 - Re-delivery of the accepted manifest (retained messages arrive on every connect)
-  plans nothing.
+  is not new, and plans only what is still missing -- so an install that failed (no
+  network, full disk) is retried when the desired state comes again.
 """
 
 from __future__ import annotations
@@ -83,8 +84,6 @@ def plan_update(
                 f"{deployment.model_name} v{deployment.model_version} is built for "
                 f"{deployment.target}; this device is {profile}"
             )
-    if not acceptance.is_new:
-        return UpdatePlan(state=acceptance.state, desired=desired, is_new=False)
     fetch, unchanged = [], []
     for deployment in desired.deployments:
         if running.get(deployment.model_name) == deployment.artifact.sha256:
@@ -100,7 +99,7 @@ def plan_update(
         fetch=fetch,
         unchanged=unchanged,
         remove=sorted(set(running) - wanted),
-        is_new=True,
+        is_new=acceptance.is_new,
     )
 
 

@@ -192,6 +192,43 @@ def test_update_verify_activate_report_refuse_and_restart_offline(
         assert agent.active_model().manifest.model_version == 1
         assert agent.store.current("digits").sha256 == good.sha256
 
+        # a correctly signed bundle whose self-test fails on this device: refused
+        good_bundle = make_digits_bundle("tflite-float32")
+        wrong = [
+            t.model_copy(update={"expected": [[v + 0.5 for v in r] for r in t.expected]})
+            for t in good_bundle.manifest.self_tests
+        ]
+        failing = fleet.add(
+            bundle_bytes(
+                make_digits_bundle("tflite-float32", model_version=3, self_tests=wrong), bundle_key
+            )
+        )
+        publisher.publish(
+            device_topic(DEVICE, Channel.DESIRED),
+            fleet.desired(7, failing, model_version=3),
+            retain=True,
+        )
+        wait_for(lambda: agent.last_update.manifest_version == 7)
+        assert (agent.last_update.outcome, agent.last_update.reason) == (
+            "rejected",
+            "self_test_failed",
+        )
+
+        # a desired state whose signed length is not the artifact's: refused, nothing kept
+        short = ArtifactRef(sha256=failing.sha256, length=failing.length + 512)
+        publisher.publish(
+            device_topic(DEVICE, Channel.DESIRED),
+            fleet.desired(8, short, model_version=4),
+            retain=True,
+        )
+        wait_for(lambda: agent.last_update.manifest_version == 8)
+        assert (agent.last_update.outcome, agent.last_update.reason) == (
+            "rejected",
+            "length_mismatch",
+        )
+        assert agent.active_model().manifest.model_version == 1
+        assert not any(agent.store.tmp_dir.iterdir())
+
         # telemetry windows reach the broker with strictly increasing seq
         seqs: list[int] = []
 

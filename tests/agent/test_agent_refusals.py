@@ -149,3 +149,14 @@ def test_without_broker_an_accepted_update_fails_cleanly(agent: Agent) -> None:
     assert agent.last_update is not None and agent.last_update.outcome == "failed"
     assert agent.last_update.reason == "download_failed"
     assert agent.models == {}
+
+
+def test_a_failed_install_is_retried_when_the_desired_state_comes_again(agent: Agent) -> None:
+    payload = desired(version=4)
+    agent.apply_desired(payload)
+    first = agent.last_update
+    again = agent.apply_desired(payload)  # e.g. the retained message on reconnect
+    assert again is not None and not again.is_new and len(again.fetch) == 1
+    assert agent.last_update is not None and agent.last_update is not first
+    assert agent.last_update.reason == "download_failed"
+    assert agent.trust.manifest_version == 4
