@@ -10,7 +10,8 @@ a normal and on a drifted data stream, and reports telemetry with drift sketches
 server side merges them and shows the drift. Tampered and replayed documents are
 refused on the way.
 
-The device half uses only ``shared`` and the LiteRT runtime, as an agent would.
+The device half is the agent's own code: ``shared``'s trust rules and
+:class:`agent.runtime.LoadedModel` (preprocessing, LiteRT, self-tests).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from sqlmodel import Session
 
+from agent.runtime import LoadedModel
 from server.commands.client import ApiClient
 from shared.bundle import check_target, read_bundle
 from shared.drift import DriftAccumulator, compare, merge_sketches
@@ -48,7 +50,6 @@ from shared.messages import (
     ModelWindow,
     TelemetryReport,
 )
-from shared.preprocessing import apply_preprocessing
 from shared.signing import PayloadType, sign_envelope
 from shared.topics import Channel, device_topic, fleet_filter
 from shared.trust import TrustState, accept_desired
@@ -105,29 +106,6 @@ def _native_stderr_silenced() -> Iterator[None]:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
-
-
-class LiteRTModel:
-    """The model in the runtime it targets, with batch resizing."""
-
-    def __init__(self, model: bytes) -> None:
-        from ai_edge_litert.interpreter import Interpreter
-
-        self._interpreter = Interpreter(model_content=model)
-        self._input = self._interpreter.get_input_details()[0]["index"]
-        self._output = self._interpreter.get_output_details()[0]["index"]
-        self._rows = 0
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        if batch.shape[0] != self._rows:
-            self._interpreter.resize_tensor_input(self._input, list(batch.shape))
-            with _native_stderr_silenced():  # "Created TensorFlow Lite XNNPACK delegate"
-                self._interpreter.allocate_tensors()
-            self._rows = batch.shape[0]
-        self._interpreter.set_tensor(self._input, batch)
-        self._interpreter.invoke()
-        out: np.ndarray = self._interpreter.get_tensor(self._output)
-        return out.copy()
 
 
 def _follow_run(client: ApiClient, run_id: int, console: Console) -> dict[str, Any]:
@@ -352,11 +330,9 @@ def run_demo(*, data_dir: Path, exit_after: float | None, port: int = 0) -> int:
         target=deployment.target,
         runtimes=["litert"],
     )
-    device_model = LiteRTModel(bundle.model)
-    for test in bundle.manifest.self_tests:
-        got = device_model(apply_preprocessing(bundle.manifest.preprocessing, test.input))
-        if not np.allclose(got, test.expected, atol=test.atol):
-            raise SystemExit("self-test failed on the device")
+    with _native_stderr_silenced():  # "Created TensorFlow Lite XNNPACK delegate"
+        device_model = LoadedModel.load(bundle)
+    device_model.run_self_tests()
     console.print(
         f"  accepted manifest v{acceptance.state.manifest_version}; bundle verified "
         f"({bundle.length} bytes, sha256 ok); {len(bundle.manifest.self_tests)} self-test(s) pass"
@@ -390,7 +366,7 @@ def run_demo(*, data_dir: Path, exit_after: float | None, port: int = 0) -> int:
                 predictions = []
                 for row in rows:  # one inference per request, as on a device
                     t0 = time.perf_counter()
-                    probs = device_model(apply_preprocessing(bundle.manifest.preprocessing, row))
+                    probs = device_model.predict(row).probabilities
                     latencies.append((time.perf_counter() - t0) * 1000)
                     accumulator.update(row, probabilities=probs)
                     predictions.append(int(probs.argmax()))
