@@ -48,7 +48,6 @@ from shared.bundle import check_target, read_bundle
 from shared.errors import ContractError, RejectReason
 from shared.messages import (
     Deployment,
-    DesiredMessage,
     DeviceState,
     Event,
     EventKind,
@@ -57,7 +56,6 @@ from shared.messages import (
     UpdateOutcome,
     UpdateResult,
 )
-from shared.signing import Envelope
 from shared.topics import Channel, device_topic
 
 __all__ = ["Agent"]
@@ -348,7 +346,7 @@ class Agent:
         self._last_desired = payload
         if plan.is_new:
             self.trust = plan.state
-            self.trust_store.save(plan.state, keyring_envelope=_keyring_envelope(payload))
+            self.trust_store.save(plan.state, keyring_envelope=plan.keyring_envelope)
             self._refused.clear()
         pending = [d for d in plan.fetch if d.artifact.sha256 not in self._refused]
         if not plan.is_new and not pending:
@@ -516,10 +514,6 @@ class Agent:
             at=self._now(),
         )
         self._state_dirty.set()
-
-
-def _keyring_envelope(payload: bytes) -> Envelope:
-    return DesiredMessage.from_bytes(payload).keyring
 
 
 def _arch() -> str:

@@ -51,6 +51,8 @@ class UpdatePlan:
 
     state: TrustState
     desired: DesiredState
+    keyring_envelope: Envelope
+    """The root-signed keyring the message carried: what the trust store persists."""
     fetch: list[Deployment] = field(default_factory=list)
     """Deployments whose artifact is not what runs now: download, verify, activate."""
     unchanged: list[str] = field(default_factory=list)
@@ -96,6 +98,7 @@ def plan_update(
     return UpdatePlan(
         state=acceptance.state,
         desired=desired,
+        keyring_envelope=message.keyring,
         fetch=fetch,
         unchanged=unchanged,
         remove=sorted(set(running) - wanted),
