@@ -34,11 +34,12 @@ from pydantic import AwareDatetime, Field, StringConstraints, model_validator
 from shared.drift import DriftReference
 from shared.errors import (
     BundleFormatError,
+    HashMismatchError,
     LengthMismatchError,
     MessageError,
     WrongTargetError,
 )
-from shared.integrity import StreamVerifier, sha256_hex
+from shared.integrity import sha256_hex, verify_bytes
 from shared.model import ContractModel, Message
 from shared.preprocessing import PreprocessingStep
 from shared.signing import (
@@ -237,11 +238,10 @@ def write_bundle(
 
 
 class _Source:
-    """Reads exactly what is asked, feeding an optional whole-file verifier."""
+    """Reads exactly what is asked, never past ``limit``, hashing the whole file as it goes."""
 
-    def __init__(self, stream: BinaryIO, verifier: StreamVerifier | None, limit: int) -> None:
+    def __init__(self, stream: BinaryIO, limit: int) -> None:
         self._stream = stream
-        self._verifier = verifier
         self._limit = limit
         self.position = 0
         self._whole = hashlib.sha256()
@@ -261,8 +261,6 @@ class _Source:
         return b"".join(chunks)
 
     def _take(self, chunk: bytes) -> None:
-        if self._verifier is not None:
-            self._verifier.update(chunk)
         self._whole.update(chunk)
         self.position += len(chunk)
 
@@ -310,14 +308,12 @@ def read_bundle(
 ) -> Bundle:
     """Read and verify a bundle; raise a :class:`~shared.errors.ContractError` on any fault."""
     stream: BinaryIO = io.BytesIO(source) if isinstance(source, bytes) else source
-    verifier = None
     limit = max_bytes
     if expected_sha256 is not None or expected_length is not None:
         if expected_sha256 is None or expected_length is None:
             raise ValueError("expected_sha256 and expected_length go together")
-        verifier = StreamVerifier(expected_length, expected_sha256)
-        limit = min(limit, expected_length)
-    src = _Source(stream, verifier, limit)
+        limit = min(limit, expected_length)  # reading stops at the signed length
+    src = _Source(stream, limit)
 
     size = _read_member(src, MANIFEST_MEMBER, BundleManifest.MAX_BYTES * 2)
     envelope_bytes = src.read_exact(size, MANIFEST_MEMBER)
@@ -337,30 +333,24 @@ def read_bundle(
         raise LengthMismatchError(
             f"{ref.name} is {size} bytes in the archive, {ref.length} were signed"
         )
-    model_check = StreamVerifier(ref.length, ref.sha256)
-    chunks = []
-    remaining = size
-    while remaining:
-        chunk = src.read_exact(min(remaining, _CHUNK), ref.name)
-        model_check.update(chunk)
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    model_check.finish()
+    model = src.read_exact(size, ref.name)
+    verify_bytes(model, ref.length, ref.sha256)
     _check_padding(src, size, ref.name)
 
     trailer = src.read_exact(2 * _BLOCK, "the end-of-archive marker")
     if trailer.count(0) != len(trailer):
         raise BundleFormatError("bundle has more than two members or a damaged end marker")
-    if verifier is not None:
-        if verifier.remaining:
-            raise LengthMismatchError(
-                f"bundle ended after {verifier.received} bytes, {verifier.expected_length} "
-                "were signed"
-            )
-        verifier.finish()
-    else:
+    if expected_sha256 is None:
         src.expect_end()
-    return Bundle(manifest=manifest, model=b"".join(chunks), sha256=src.sha256, length=src.position)
+    elif src.position != expected_length:
+        raise LengthMismatchError(
+            f"bundle ended after {src.position} bytes, {expected_length} were signed"
+        )
+    elif src.sha256 != expected_sha256:
+        raise HashMismatchError(
+            f"bundle sha256 is {src.sha256[:16]}..., the signed value is {expected_sha256[:16]}..."
+        )
+    return Bundle(manifest=manifest, model=model, sha256=src.sha256, length=src.position)
 
 
 def check_target(
