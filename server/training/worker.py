@@ -111,7 +111,7 @@ class PipelinePublisher:
         self._publish = publish_model_version
         self._keys = load_fleet_keys(settings.keys_dir, now=now or datetime.now(UTC))
         self._profiles = load_profiles()
-        self._store = ArtifactStore(settings.artifacts_dir, max_bytes=settings.max_artifact_bytes)
+        self.store = ArtifactStore(settings.artifacts_dir, max_bytes=settings.max_artifact_bytes)
 
     def __call__(
         self,
@@ -122,20 +122,46 @@ class PipelinePublisher:
         trained: TrainedModel,
         on_phase: Callable[[str], None],
     ) -> int:
+        return self.publish_version(
+            session,
+            run=run,
+            dataset=dataset,
+            keras_model=trained.model,
+            preprocessing=list(trained.preprocessing),
+            float_metrics=trained.float_metrics,
+            source="trained",
+            on_phase=on_phase,
+        )
+
+    def publish_version(
+        self,
+        session: Session,
+        *,
+        run: TrainingRun,
+        dataset: LoadedDataset,
+        keras_model: Any,
+        preprocessing: list[Any],
+        float_metrics: dict[str, Any],
+        source: str,
+        on_phase: Callable[[str], None],
+        notes: str = "",
+    ) -> int:
+        """Publish any Keras model (trained here or imported) for ``run``; the version's id."""
         version = self._publish(
             session,
-            store=self._store,
+            store=self.store,
             keys=self._keys,
             profiles=self._profiles,
             model_name=run.model_name,
             dataset=dataset,
             dataset_version_id=run.dataset_version_id,
-            keras_model=trained.model,
-            preprocessing=list(trained.preprocessing),
-            float_metrics=trained.float_metrics,
-            source="trained",
+            keras_model=keras_model,
+            preprocessing=preprocessing,
+            float_metrics=float_metrics,
+            source=source,
             run_id=run.id,
             on_phase=on_phase,
+            notes=notes,
         )
         session.flush()
         assert version.id is not None
@@ -348,26 +374,20 @@ def _run_import(
     reporter: _Reporter,
 ) -> int:
     """An import run: load the uploaded model, check and measure it, publish it."""
-    from server.artifacts import ArtifactStore
-    from server.keys import load_fleet_keys
-    from server.pipeline.publish import publish_model_version
-    from server.profiles import load_profiles
     from server.training import importing
     from server.training.trainer import environment, evaluate
 
     log.info("import run %s: %s on dataset version %s", run_id, model_name, dataset_version_id)
     try:
         spec = importing.ImportSpec.model_validate_json(spec_json)
-        keys = load_fleet_keys(settings.keys_dir, now=datetime.now(UTC))
-        profiles = load_profiles()
-        store = ArtifactStore(settings.artifacts_dir, max_bytes=settings.max_artifact_bytes)
+        publisher = PipelinePublisher(settings)
         with Session(engine) as session:
             dataset = _store_loader(settings)(session, dataset_version_id)
         with session_scope(engine) as session:
             jobs.set_phase(session, run_id=run_id, phase="loading the model")
         with importing.temporary_dir() as tmp:
             model = importing.load_model(
-                store.verify(spec.artifact_sha256).path,
+                publisher.store.verify(spec.artifact_sha256).path,
                 model_format=spec.format,
                 input_shape=dataset.schema.input_shape,
                 work_dir=Path(tmp),
@@ -386,23 +406,17 @@ def _run_import(
                     phase="building targets",
                 )
             with Session(engine) as session:
-                version = publish_model_version(
+                version_id = publisher.publish_version(
                     session,
-                    store=store,
-                    keys=keys,
-                    profiles=profiles,
-                    model_name=model_name,
+                    run=jobs.get_run(session, run_id=run_id),
                     dataset=dataset,
-                    dataset_version_id=dataset_version_id,
                     keras_model=model,
                     preprocessing=steps,
                     float_metrics=metrics,
                     source="imported",
-                    run_id=run_id,
                     on_phase=reporter.phase,
                     notes=spec.notes,
                 )
-                version_id = int(version.id or 0)
         with session_scope(engine) as session:
             jobs.finish_run(
                 session,
