@@ -86,6 +86,7 @@ class Agent:
         self._desired: queue.Queue[bytes] = queue.Queue(maxsize=1)
         self._lock = threading.Lock()
         self.models: dict[str, LoadedModel] = {}
+        self._serving: LoadedModel | None = None
         self.last_update: UpdateResult | None = None
         self.transport: Any = None
         self._threads: list[threading.Thread] = []
@@ -169,8 +170,17 @@ class Agent:
     # ------------------------------------------------------------------ serving
 
     def active_model(self) -> LoadedModel | None:
+        """The model the local API serves (called on every request: no work here)."""
+        return self._serving
+
+    def _set_model(self, name: str, model: LoadedModel | None) -> None:
+        """Change one model and recompute which one is served (the first by name)."""
         with self._lock:
-            return next(iter(sorted(self.models.items())), (None, None))[1]
+            if model is None:
+                self.models.pop(name, None)
+            else:
+                self.models[name] = model
+            self._serving = self.models[min(self.models)] if self.models else None
 
     def _load_active_models(self) -> None:
         keyring = self.trust.keyring
@@ -183,7 +193,7 @@ class Agent:
             log.warning("model store: %s", problem)
         for name, bundle in bundles.items():
             try:
-                self.models[name] = LoadedModel.load(bundle, limits=self.config.limits)
+                self._set_model(name, LoadedModel.load(bundle, limits=self.config.limits))
             except (ModelRuntimeError, ContractError) as e:
                 log.error("cannot serve %s: %s", name, e)
         model = self.active_model()
@@ -355,8 +365,7 @@ class Agent:
             self._install(deployment, plan)
         for name in plan.remove:
             self.store.deactivate(name)
-            with self._lock:
-                self.models.pop(name, None)
+            self._set_model(name, None)
         if not plan.fetch:
             self._finish(plan, UpdateOutcome.ACTIVATED, None, "nothing to fetch")
         self._state_dirty.set()
@@ -414,8 +423,7 @@ class Agent:
                 target=deployment.target,
             ),
         )
-        with self._lock:
-            self.models[deployment.model_name] = trial
+        self._set_model(deployment.model_name, trial)
         self.monitor.set_model(trial.manifest)
         self._event(EventKind.ACTIVATED, deployment)
         if self._healthy(trial):
@@ -477,8 +485,7 @@ class Agent:
             self.store.rollback(name)
         except AgentError:
             self.store.deactivate(name)
-            with self._lock:
-                self.models.pop(name, None)
+            self._set_model(name, None)
         else:
             self._load_active_models()
         self._event(EventKind.ROLLED_BACK, deployment, reason="health_check_failed")
