@@ -461,30 +461,18 @@ def api(tmp_path: Path, artifact: Artifact) -> Iterator[tuple[str, str]]:
     """
     from server.app import create_app
     from server.db import create_db_engine, migrate, session_scope
-    from server.models import Dataset, DatasetVersion, Model, ModelVersion, TargetArtifact
+    from server.models import Model, ModelVersion, TargetArtifact
     from server.settings import Settings
+    from tests.server.conftest import add_dataset_row
 
     settings = Settings(data_dir=tmp_path / "server", run_jobs=False)
     ArtifactStore(settings.artifacts_dir).put_bytes(artifact.data)
     engine = create_db_engine(settings.resolved_database_url)
     migrate(engine)
     with session_scope(engine) as session:
-        dataset = Dataset(name="d", task="classification", label="y")
-        session.add(dataset)
-        session.flush()
-        dataset_version = DatasetVersion(
-            dataset_id=dataset.id,
-            version=1,
-            sha256="0" * 64,
-            source_sha256="0" * 64,
-            source_format="builtin",
-            rows=1,
-            data_schema_json="{}",
-            splits_sha256="0" * 64,
-            split_seed=0,
-        )
+        dataset_version = add_dataset_row(session, name="d", rows=1)
         model = Model(name="m", task="classification")
-        session.add_all([dataset_version, model])
+        session.add(model)
         session.flush()
         version = ModelVersion(
             model_id=model.id,

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import MetaData
 from sqlalchemy.engine import Engine
+from sqlmodel import Session
 
 from server.db import create_db_engine, migrate
+from server.models import Dataset, DatasetVersion
 
 EXTERNAL_URL = os.environ.get("EDGEFLEET_TEST_DATABASE_URL")
 DATABASES = ["sqlite"] + (["external"] if EXTERNAL_URL else [])
@@ -74,3 +76,24 @@ def engine(db_url: str) -> Iterator[Engine]:
     migrate(engine)
     yield engine
     engine.dispose()
+
+
+def add_dataset_row(session: Session, *, name: str = "digits", rows: int = 1797) -> DatasetVersion:
+    """A dataset with one version, as rows only (for tests of what hangs off a version)."""
+    dataset = Dataset(name=name, task="classification", label="y")
+    session.add(dataset)
+    session.flush()
+    version = DatasetVersion(
+        dataset_id=dataset.id,  # type: ignore[arg-type]
+        version=1,
+        sha256="a" * 64,
+        source_sha256="b" * 64,
+        source_format="builtin",
+        rows=rows,
+        data_schema_json="{}",
+        splits_sha256="c" * 64,
+        split_seed=0,
+    )
+    session.add(version)
+    session.flush()
+    return version

@@ -15,31 +15,19 @@ from server import registry
 from server.app import create_app
 from server.db import session_scope
 from server.errors import ConflictError, InvalidInputError, NotFoundError
-from server.models import Dataset, DatasetVersion, Model, ModelVersion, TargetArtifact
+from server.models import Model, ModelVersion, TargetArtifact
 from server.pipeline.types import GateConfig
 from server.settings import Settings
+from tests.server.conftest import add_dataset_row
 
 pytestmark = pytest.mark.database
 
 
 def seed(session: Session) -> None:
     """A dataset version and a model with v1 (every gate failed) and v2 (one target passed)."""
-    dataset = Dataset(name="vib", task="classification", label="y")
-    session.add(dataset)
-    session.flush()
-    dv = DatasetVersion(
-        dataset_id=dataset.id,  # type: ignore[arg-type]
-        version=1,
-        sha256="a" * 64,
-        source_sha256="b" * 64,
-        source_format="csv",
-        rows=100,
-        data_schema_json="{}",
-        splits_sha256="c" * 64,
-        split_seed=0,
-    )
+    dv = add_dataset_row(session, name="vib", rows=100)
     model = Model(name="vib-clf", task="classification")
-    session.add_all([dv, model])
+    session.add(model)
     session.flush()
     for number, passed in ((1, False), (2, True)):
         version = ModelVersion(

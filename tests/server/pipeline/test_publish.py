@@ -15,13 +15,14 @@ from server import registry
 from server.artifacts import ArtifactStore
 from server.db import session_scope
 from server.keys import FleetKeys, init_keys
-from server.models import Dataset, DatasetVersion, ModelVersion, TargetArtifact
+from server.models import ModelVersion, TargetArtifact
 from server.pipeline.evaluate import LiteRTRunner, OnnxRunner
 from server.pipeline.publish import publish_model_version
 from server.profiles import load_profiles
 from shared.bundle import check_target, read_bundle
 from shared.drift import DriftAccumulator, compare
 from shared.preprocessing import apply_preprocessing
+from tests.server.conftest import add_dataset_row
 from tests.server.pipeline.conftest import Prepared
 
 pytestmark = pytest.mark.database
@@ -34,23 +35,7 @@ def keys(tmp_path: Path) -> FleetKeys:
 
 def dataset_version_id(engine: Engine) -> int:
     with session_scope(engine) as session:
-        dataset = Dataset(name="digits", task="classification", label="digit")
-        session.add(dataset)
-        session.flush()
-        row = DatasetVersion(
-            dataset_id=dataset.id,  # type: ignore[arg-type]
-            version=1,
-            sha256="a" * 64,
-            source_sha256="a" * 64,
-            source_format="builtin",
-            rows=1797,
-            data_schema_json="{}",
-            splits_sha256="b" * 64,
-            split_seed=0,
-        )
-        session.add(row)
-        session.flush()
-        return row.id  # type: ignore[return-value]
+        return add_dataset_row(session).id  # type: ignore[return-value]
 
 
 def test_publish_registers_every_target_with_a_verifiable_bundle(
