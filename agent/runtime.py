@@ -50,7 +50,7 @@ import numpy.typing as npt
 
 from agent.config import Limits
 from agent.errors import AgentError
-from shared.bundle import Bundle, BundleManifest, TensorSpec
+from shared.bundle import Bundle, BundleManifest, TensorSpec, dequantize, quantize
 from shared.errors import MessageError
 from shared.preprocessing import apply_preprocessing
 
@@ -260,22 +260,6 @@ def _make_backend(name: str, model: bytes, num_threads: int | None) -> _Backend:
 # ----------------------------------------------------------------------------- quantization
 
 
-def _quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
-    if spec.quantization is None:
-        return x.astype(spec.dtype, copy=False)
-    info = np.iinfo(spec.dtype)
-    q = np.round(x / np.float32(spec.quantization.scale)) + spec.quantization.zero_point
-    return np.clip(q, info.min, info.max).astype(spec.dtype)
-
-
-def _dequantize(q: np.ndarray, spec: TensorSpec) -> np.ndarray:
-    if spec.quantization is None:
-        return q.astype(np.float32, copy=False)
-    zero_point = np.float32(spec.quantization.zero_point)
-    scale = np.float32(spec.quantization.scale)
-    return ((q.astype(np.float32) - zero_point) * scale).astype(np.float32)
-
-
 # ----------------------------------------------------------------------------- results
 
 
@@ -466,7 +450,7 @@ class LoadedModel:
         return x
 
     def _run(self, x: np.ndarray) -> np.ndarray:
-        model_input = _quantize(
+        model_input = quantize(
             apply_preprocessing(self._manifest.preprocessing, x), self._input_spec
         )
         fixed = self._backend.fixed_batch
@@ -483,7 +467,7 @@ class LoadedModel:
                         piece = np.concatenate([piece, pad], axis=0)
                     pieces.append(self._backend.run(piece)[: fixed - short])
                 raw = np.concatenate(pieces, axis=0)
-        return _dequantize(raw, self._output_spec).reshape(len(x), -1)
+        return dequantize(raw, self._output_spec).reshape(len(x), -1)
 
     def predict(self, rows: Any) -> Prediction:
         """Serve raw feature rows: one row, a list of rows, or an array ``(n, features)``.

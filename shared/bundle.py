@@ -27,8 +27,10 @@ import hashlib
 import io
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, BinaryIO, ClassVar, Literal
+from typing import Annotated, Any, BinaryIO, ClassVar, Literal
 
+import numpy as np
+import numpy.typing as npt
 from pydantic import AwareDatetime, Field, StringConstraints, model_validator
 
 from shared.drift import DriftReference
@@ -62,6 +64,8 @@ __all__ = [
     "TensorSpec",
     "build_bundle",
     "check_target",
+    "dequantize",
+    "quantize",
     "read_bundle",
     "write_bundle",
 ]
@@ -149,6 +153,28 @@ class BundleManifest(Message):
         if self.model_file.name != MODEL_MEMBERS[self.format]:
             raise ValueError(f"a {self.format} bundle's model is {MODEL_MEMBERS[self.format]!r}")
         return self
+
+
+def quantize(x: npt.NDArray[Any], spec: TensorSpec) -> npt.NDArray[Any]:
+    """Real values to a tensor's integer type with its affine parameters (clipped).
+
+    The one implementation the server's evaluation and the device's runtime share, so a
+    self-test computed on the server is reproduced bit for bit before the kernel runs.
+    """
+    if spec.quantization is None:
+        return x.astype(spec.dtype, copy=False)
+    info = np.iinfo(spec.dtype)
+    q = np.round(x / np.float32(spec.quantization.scale)) + spec.quantization.zero_point
+    return np.clip(q, info.min, info.max).astype(spec.dtype)
+
+
+def dequantize(q: npt.NDArray[Any], spec: TensorSpec) -> npt.NDArray[np.float32]:
+    """A tensor's integers back to float32 real values (float tensors pass through)."""
+    if spec.quantization is None:
+        return q.astype(np.float32, copy=False)
+    zero_point = np.float32(spec.quantization.zero_point)
+    scale = np.float32(spec.quantization.scale)
+    return ((q.astype(np.float32) - zero_point) * scale).astype(np.float32)
 
 
 @dataclass(frozen=True, slots=True)

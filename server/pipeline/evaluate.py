@@ -23,7 +23,7 @@ import numpy as np
 
 from server.datasets.types import Task
 from server.errors import ServerError
-from shared.bundle import QuantizationParams, TensorSpec
+from shared.bundle import QuantizationParams, TensorSpec, dequantize, quantize
 
 __all__ = [
     "EvaluationError",
@@ -91,23 +91,6 @@ def _tflite_spec(detail: dict[str, Any]) -> TensorSpec:
     )
 
 
-def _quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
-    if spec.quantization is None:
-        return x.astype(spec.dtype, copy=False)
-    info = np.iinfo(spec.dtype)
-    q = np.round(x / spec.quantization.scale) + spec.quantization.zero_point
-    return np.clip(q, info.min, info.max).astype(spec.dtype)
-
-
-def _dequantize(q: np.ndarray, spec: TensorSpec) -> np.ndarray:
-    if spec.quantization is None:
-        return q.astype(np.float32)
-    zero_point = np.float32(spec.quantization.zero_point)
-    return ((q.astype(np.float32) - zero_point) * np.float32(spec.quantization.scale)).astype(
-        np.float32
-    )
-
-
 def _batches(model_input: np.ndarray) -> list[np.ndarray]:
     x = np.asarray(model_input, dtype=np.float32)
     return [x[i : i + _BATCH] for i in range(0, len(x), _BATCH)] or [x]
@@ -157,9 +140,9 @@ class LiteRTRunner:
         return True
 
     def _invoke(self, batch: np.ndarray) -> np.ndarray:
-        self._interpreter.set_tensor(self._input_index, _quantize(batch, self.inputs[0]))
+        self._interpreter.set_tensor(self._input_index, quantize(batch, self.inputs[0]))
         self._interpreter.invoke()
-        return _dequantize(self._interpreter.get_tensor(self._output_index), self.outputs[0])
+        return dequantize(self._interpreter.get_tensor(self._output_index), self.outputs[0])
 
     def predict(self, model_input: np.ndarray) -> np.ndarray:
         """Float32 outputs of the first output tensor for a float32 batch of model input."""
