@@ -1,0 +1,503 @@
+"""One simulated device: the agent's side of the wire contract, without a model runtime.
+
+A :class:`SimulatedDevice` is a state machine driven by the messages that reach it and
+by ``now``; it does no I/O. Each handler returns the :class:`Outgoing` messages the
+device would publish, and :class:`~server.simulator.fleet.FleetSimulator` carries them
+over a real broker. What is real, so that the server cannot tell it from an agent
+(apart from the absent interpreter):
+
+- desired states go through :func:`agent.updater.plan_update` -- the agent's own
+  acceptance rules: root-signed keyring, online-key signature, device id, manifest
+  version, expiry, profile and runtime;
+- artifacts are fetched with the block protocol (``artifact/req`` → ``artifact/blk``),
+  resumed from the last complete block after a lost request, and the bundle is
+  verified (length, sha256, signature, model/version/target) before "activation";
+- telemetry windows carry real drift sketches: rows are drawn from the bundle's own
+  drift reference (its training histogram), shifted by :attr:`Behaviour.drift` for
+  the features it names, and counted with :class:`shared.drift.DriftAccumulator`.
+
+What is simulated: inference (no model runs -- predicted classes follow the reference's
+prediction distribution, latencies a log-normal around :attr:`Behaviour.latency_ms`),
+and failure modes a test or benchmark asks for (:class:`Behaviour`).
+
+What always holds: a refused desired state changes nothing but emits a ``rejected``
+event; a model becomes "active" only after its bundle verified; ``seq`` of telemetry
+increases strictly for the life of the object.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from agent.updater import plan_update
+from shared.bundle import BundleManifest, check_target, read_bundle
+from shared.drift import DriftAccumulator, DriftReference, FeatureReference
+from shared.errors import ContractError, RejectReason
+from shared.latency import latency_counts
+from shared.messages import (
+    BlockRequest,
+    Deployment,
+    DeviceState,
+    Event,
+    EventKind,
+    LatencyHistogram,
+    ModelWindow,
+    Presence,
+    PresenceStatus,
+    Resources,
+    RunningModel,
+    RuntimeInfo,
+    TelemetryReport,
+    UpdateOutcome,
+    UpdateResult,
+    decode_block,
+)
+from shared.signing import VerifyKey
+from shared.topics import Channel, device_topic
+from shared.trust import TrustState
+
+__all__ = ["Behaviour", "Outgoing", "SimulatedDevice"]
+
+AGENT_VERSION = "sim-1"
+
+
+class Outgoing(NamedTuple):
+    """One publish the device asks for."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = False
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """How a simulated device behaves; the defaults are a healthy device."""
+
+    latency_ms: float = 8.0
+    """Median inference latency; latencies are log-normal around it (sigma 0.25)."""
+    error_rate: float = 0.0
+    """Share of inferences that fail with a runtime error."""
+    reject_installs: bool = False
+    """Every bundle fails its self-test here (reports ``rejected``/``self_test_failed``)."""
+    silent: bool = False
+    """Never acts on a desired state (a device that stays silent during a rollout)."""
+    drift: Mapping[str, float] = field(default_factory=dict)
+    """Feature name -> shift of its values, in units of the reference's standard deviation."""
+    confidence: float = 0.9
+    """Mean top-class probability of the simulated predictions."""
+
+
+@dataclass
+class _Download:
+    deployment: Deployment
+    data: bytearray
+    hasher: Any
+    request_id: str = ""
+    requested_at: float = 0.0
+
+
+@dataclass
+class _Active:
+    deployment: Deployment
+    manifest: BundleManifest
+    activated_at: datetime
+    previous_version: int | None
+    sampler: _RowSampler | None
+    accumulator: DriftAccumulator | None
+
+
+class _RowSampler:
+    """Draws feature rows from a drift reference's training histograms (vectorised per feature)."""
+
+    def __init__(
+        self, reference: DriftReference, drift: Mapping[str, float], rng: np.random.Generator
+    ) -> None:
+        self._rng = rng
+        self._features = [self._prepare(f, drift.get(f.name, 0.0)) for f in reference.features]
+        predictions = reference.predictions
+        self.class_probabilities: np.ndarray | None = None
+        if predictions is not None and predictions.class_counts:
+            counts = np.asarray(predictions.class_counts, dtype=np.float64) + 0.5
+            self.class_probabilities = counts / counts.sum()
+        self.value = (
+            None
+            if predictions is None or predictions.value is None
+            else self._prepare(predictions.value, 0.0)
+        )
+
+    @staticmethod
+    def _prepare(feature: FeatureReference, shift: float) -> tuple[np.ndarray, np.ndarray, float]:
+        edges = np.asarray(feature.edges, dtype=np.float64)
+        # counts layout: [under, bins..., over, nan]; fold under/over into the outer bins
+        counts = np.asarray(feature.counts[1:-2], dtype=np.float64)
+        counts[0] += feature.counts[0]
+        counts[-1] += feature.counts[-2]
+        total = counts.sum()
+        cdf = np.cumsum(counts) / total if total > 0 else np.linspace(0, 1, len(counts) + 1)[1:]
+        spread = feature.moments.std if feature.moments.n > 1 else 0.0
+        if not math.isfinite(spread) or spread <= 0:
+            spread = float(edges[-1] - edges[0]) / 4 or 1.0
+        return edges, cdf, shift * spread
+
+    def _draw(self, prepared: tuple[np.ndarray, np.ndarray, float], n: int) -> np.ndarray:
+        edges, cdf, offset = prepared
+        bins = np.minimum(np.searchsorted(cdf, self._rng.random(n), side="right"), len(cdf) - 1)
+        low, high = edges[bins], edges[np.minimum(bins + 1, len(edges) - 1)]
+        return low + (high - low) * self._rng.random(n) + offset
+
+    def rows(self, n: int) -> np.ndarray:
+        return np.stack([self._draw(f, n) for f in self._features], axis=1)
+
+    def values(self, n: int) -> np.ndarray | None:
+        return None if self.value is None else self._draw(self.value, n)
+
+
+class SimulatedDevice:
+    """The protocol half of an edge agent, for load tests, benchmarks and demos."""
+
+    def __init__(
+        self,
+        device_id: str,
+        *,
+        profile: str,
+        runtime: tuple[str, str],
+        root_keys: list[VerifyKey],
+        behaviour: Behaviour | None = None,
+        block_size: int = 64 * 1024,
+        blocks_per_request: int = 16,
+        request_timeout: float = 10.0,
+        seed: int | None = None,
+        wall_clock: Callable[[], datetime],
+    ) -> None:
+        self.device_id = device_id
+        self.profile = profile
+        self.runtime = runtime
+        self.behaviour = behaviour or Behaviour()
+        self.trust = TrustState.from_root_keys(root_keys)
+        self.block_size = block_size
+        self.blocks_per_request = blocks_per_request
+        self.request_timeout = request_timeout
+        self._rng = np.random.default_rng(
+            seed if seed is not None else int.from_bytes(device_id.encode()[:8], "big")
+        )
+        self._now = wall_clock
+        self.active: dict[str, _Active] = {}
+        self.last_update: UpdateResult | None = None
+        self._queue: list[Deployment] = []
+        self._download: _Download | None = None
+        self._rollout_id: str | None = None
+        self._requested_offset = 0
+        self._seq = 0
+        self._window_start = wall_clock()
+        self.bytes_received = 0
+        self.requests_sent = 0
+        self.installs = 0
+        self.rejections = 0
+
+    # ------------------------------------------------------------------ topics
+
+    def topic(self, channel: Channel) -> str:
+        return device_topic(self.device_id, channel)
+
+    def will(self) -> Outgoing:
+        """The Last Will the broker publishes for this device (retained ``offline``)."""
+        offline = Presence(device_id=self.device_id, status=PresenceStatus.OFFLINE)
+        return Outgoing(self.topic(Channel.PRESENCE), offline.to_bytes(), 1, True)
+
+    def subscriptions(self) -> list[str]:
+        return [self.topic(Channel.DESIRED), self.topic(Channel.ARTIFACT_BLOCK)]
+
+    # ------------------------------------------------------------------ handlers
+
+    def on_connect(self) -> list[Outgoing]:
+        online = Presence(
+            device_id=self.device_id, status=PresenceStatus.ONLINE, session_started_at=self._now()
+        )
+        out = [Outgoing(self.topic(Channel.PRESENCE), online.to_bytes(), 1, True), self._state()]
+        if self._download is not None:  # resume after a reconnect
+            out.append(self._request())
+        return out
+
+    def on_desired(self, payload: bytes, monotonic: float) -> list[Outgoing]:
+        if self.behaviour.silent:
+            return []
+        try:
+            plan = plan_update(
+                self.trust,
+                payload,
+                device_id=self.device_id,
+                profile=self.profile,
+                runtimes=[self.runtime[0]],
+                running={name: a.deployment.artifact.sha256 for name, a in self.active.items()},
+                now=self._now(),
+            )
+        except ContractError as e:
+            self.rejections += 1
+            reason = str(getattr(e, "reason", RejectReason.MALFORMED))
+            self.last_update = self._result(UpdateOutcome.REJECTED, reason, str(e))
+            return [self._event(EventKind.REJECTED, None, reason=reason, detail=str(e)[:1000])]
+        self.trust = plan.state
+        if not plan.is_new and not plan.fetch:
+            return []
+        self._rollout_id = plan.desired.rollout_id
+        out: list[Outgoing] = []
+        for name in plan.remove:
+            self.active.pop(name, None)
+        wanted = {d.artifact.sha256 for d in plan.fetch}
+        self._queue = list(plan.fetch)
+        if self._download is not None and self._download.deployment.artifact.sha256 not in wanted:
+            self._download = None
+        if plan.remove:
+            out.append(self._state())
+        out.extend(self._next_download(monotonic))
+        return out
+
+    def on_block(self, frame: bytes, monotonic: float) -> list[Outgoing]:
+        download = self._download
+        try:
+            header, data = decode_block(frame)
+        except ContractError:
+            return []  # a damaged frame: the request times out and is asked again
+        if download is None or header.request_id != download.request_id:
+            return []  # a late answer to a request given up on
+        deployment = download.deployment
+        if header.error is not None:
+            download.requested_at = monotonic - self.request_timeout + 1.0  # retry in ~1 s
+            return []
+        if header.offset != len(download.data):
+            return []  # out of order: wait for the timeout and resume from what is complete
+        download.data += data
+        download.hasher.update(data)
+        self.bytes_received += len(data)
+        if len(download.data) > deployment.artifact.length:
+            return self._refuse(deployment, RejectReason.LENGTH_MISMATCH, "more data than signed")
+        if len(download.data) < deployment.artifact.length:
+            if header.offset + header.length >= self._request_end(download):
+                return [self._request(monotonic)]
+            return []
+        return self._install(download, monotonic)
+
+    def tick(self, monotonic: float) -> list[Outgoing]:
+        """Ask again for blocks whose request went unanswered too long."""
+        download = self._download
+        if download is not None and monotonic - download.requested_at >= self.request_timeout:
+            return [self._request(monotonic)]
+        return []
+
+    def telemetry(self, inferences: int) -> Outgoing:
+        """Close a window in which each active model served ``inferences`` requests."""
+        end = self._now()
+        windows = []
+        for _, active in sorted(self.active.items()):
+            windows.append(self._window(active, inferences))
+        report = TelemetryReport(
+            device_id=self.device_id,
+            seq=self._seq,
+            window_start=self._window_start,
+            window_end=end,
+            models=windows,
+            resources=Resources(rss_bytes=60 * 2**20, cpu_seconds=1.0),
+        )
+        self._seq += 1
+        self._window_start = end
+        return Outgoing(self.topic(Channel.TELEMETRY), report.to_bytes(), 1, False)
+
+    # ------------------------------------------------------------------ internals
+
+    def _next_download(self, monotonic: float) -> list[Outgoing]:
+        if self._download is not None or not self._queue:
+            return []
+        deployment = self._queue.pop(0)
+        self._download = _Download(deployment, bytearray(), hashlib.sha256())
+        return [self._event(EventKind.DOWNLOADING, deployment), self._request(monotonic)]
+
+    def _request_end(self, download: _Download) -> int:
+        return min(
+            download.deployment.artifact.length,
+            self._requested_offset + self.block_size * self.blocks_per_request,
+        )
+
+    def _request(self, monotonic: float = 0.0) -> Outgoing:
+        download = self._download
+        assert download is not None
+        download.request_id = uuid.uuid4().hex
+        download.requested_at = monotonic
+        self._requested_offset = len(download.data)
+        request = BlockRequest(
+            device_id=self.device_id,
+            request_id=download.request_id,
+            sha256=download.deployment.artifact.sha256,
+            offset=len(download.data),
+            block_size=self.block_size,
+            count=self.blocks_per_request,
+        )
+        self.requests_sent += 1
+        return Outgoing(self.topic(Channel.ARTIFACT_REQUEST), request.to_bytes(), 1, False)
+
+    def _install(self, download: _Download, monotonic: float) -> list[Outgoing]:
+        deployment = download.deployment
+        keyring = self.trust.keyring
+        assert keyring is not None
+        out = [self._event(EventKind.DOWNLOADED, deployment)]
+        try:
+            bundle = read_bundle(
+                bytes(download.data),
+                trusted_keys=keyring.verify_keys(),
+                threshold=keyring.threshold,
+                expected_sha256=deployment.artifact.sha256,
+                expected_length=deployment.artifact.length,
+            )
+            check_target(
+                bundle.manifest,
+                model_name=deployment.model_name,
+                model_version=deployment.model_version,
+                target=deployment.target,
+                runtimes=[self.runtime[0]],
+            )
+        except ContractError as e:
+            reason = str(getattr(e, "reason", RejectReason.MALFORMED))
+            return out + self._refuse(deployment, reason, str(e))
+        out.append(self._event(EventKind.VERIFIED, deployment))
+        if self.behaviour.reject_installs:
+            return out + self._refuse(
+                deployment, "self_test_failed", "simulated: self-test outside its tolerance"
+            )
+        manifest = bundle.manifest
+        previous = self.active.get(deployment.model_name)
+        reference = manifest.drift_reference
+        self.active[deployment.model_name] = _Active(
+            deployment=deployment,
+            manifest=manifest,
+            activated_at=self._now(),
+            previous_version=None if previous is None else previous.deployment.model_version,
+            sampler=None
+            if reference is None
+            else _RowSampler(reference, self.behaviour.drift, self._rng),
+            accumulator=None if reference is None else DriftAccumulator(reference),
+        )
+        self.installs += 1
+        self._download = None
+        self.last_update = self._result(UpdateOutcome.ACTIVATED, None, None)
+        out += [
+            self._event(EventKind.ACTIVATED, deployment),
+            self._event(EventKind.HEALTH_CHECK_PASSED, deployment),
+            self._state(),
+        ]
+        return out + self._next_download(monotonic)
+
+    def _refuse(self, deployment: Deployment, reason: str, detail: str) -> list[Outgoing]:
+        self._download = None
+        self._queue = []
+        self.rejections += 1
+        self.last_update = self._result(UpdateOutcome.REJECTED, reason, detail)
+        return [
+            self._event(EventKind.REJECTED, deployment, reason=reason, detail=detail[:1000]),
+            self._state(),
+        ]
+
+    def _window(self, active: _Active, inferences: int) -> ModelWindow:
+        behaviour = self.behaviour
+        errors = int(self._rng.binomial(inferences, behaviour.error_rate)) if inferences else 0
+        served = inferences - errors
+        latencies = self._rng.lognormal(math.log(behaviour.latency_ms), 0.25, size=served)
+        drift = None
+        if active.sampler is not None and active.accumulator is not None:
+            accumulator = active.accumulator
+            accumulator.reset()
+            if served:
+                rows = active.sampler.rows(served)
+                probabilities = self._probabilities(active.sampler, served)
+                accumulator.update(
+                    rows,
+                    probabilities=probabilities,
+                    predicted_values=active.sampler.values(served),
+                )
+            drift = accumulator.sketch()
+        return ModelWindow(
+            model_name=active.deployment.model_name,
+            model_version=active.deployment.model_version,
+            target=active.deployment.target,
+            inferences=inferences,
+            errors=errors,
+            latency_ms=LatencyHistogram(counts=latency_counts(latencies).tolist()),
+            drift=drift,
+        )
+
+    def _probabilities(self, sampler: _RowSampler, n: int) -> np.ndarray | None:
+        classes = sampler.class_probabilities
+        if classes is None:
+            return None
+        k = len(classes)
+        if k < 2:
+            return np.ones((n, 1))
+        predicted = self._rng.choice(k, size=n, p=classes)
+        mean = min(max(self.behaviour.confidence, 1.0 / k + 1e-3), 0.999)
+        concentration = 20.0
+        top = self._rng.beta(mean * concentration, (1 - mean) * concentration, size=n)
+        top = np.clip(top, 1.0 / k, 1.0)
+        probabilities = np.repeat(((1.0 - top) / (k - 1))[:, None], k, axis=1)
+        probabilities[np.arange(n), predicted] = top
+        return probabilities
+
+    def _state(self) -> Outgoing:
+        models = [
+            RunningModel(
+                model_name=name,
+                model_version=a.deployment.model_version,
+                target=a.deployment.target,
+                sha256=a.deployment.artifact.sha256,
+                activated_at=a.activated_at,
+                previous_version=a.previous_version,
+            )
+            for name, a in sorted(self.active.items())
+        ]
+        keyring = self.trust.keyring
+        state = DeviceState(
+            device_id=self.device_id,
+            agent_version=AGENT_VERSION,
+            profile=self.profile,
+            arch="x86_64",
+            runtime=RuntimeInfo(name=self.runtime[0], version=self.runtime[1]),
+            manifest_version=self.trust.manifest_version,
+            keyring_version=0 if keyring is None else keyring.version,
+            models=models,
+            last_update=self.last_update,
+            reported_at=self._now(),
+        )
+        return Outgoing(self.topic(Channel.STATE), state.to_bytes(), 1, True)
+
+    def _event(self, kind: EventKind, deployment: Deployment | None, **fields: Any) -> Outgoing:
+        event = Event(
+            device_id=self.device_id,
+            event_id=uuid.uuid4().hex,
+            kind=kind,
+            at=self._now(),
+            manifest_version=self.trust.manifest_version,
+            rollout_id=self._rollout_id,
+            model_name=None if deployment is None else deployment.model_name,
+            model_version=None if deployment is None else deployment.model_version,
+            sha256=None if deployment is None else deployment.artifact.sha256,
+            **fields,
+        )
+        return Outgoing(self.topic(Channel.EVENTS), event.to_bytes(), 1, False)
+
+    def _result(
+        self, outcome: UpdateOutcome, reason: str | None, detail: str | None
+    ) -> UpdateResult:
+        return UpdateResult(
+            manifest_version=self.trust.manifest_version,
+            rollout_id=self._rollout_id,
+            outcome=outcome,
+            reason=reason,
+            detail=None if detail is None else detail[:1000],
+            at=self._now(),
+        )
