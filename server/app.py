@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from server import __version__
-from server.api.routes import datasets, health, keyring, models, runs
+from server.api.routes import datasets, delivery, health, keyring, models, runs
 from server.artifacts import ArtifactStore
 from server.db import create_db_engine, migrate, session_scope
 from server.errors import ServerError
@@ -53,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.artifacts = ArtifactStore(
             settings.artifacts_dir, max_bytes=settings.max_artifact_bytes
         )
+        app.state.transfer_limiter = delivery.TransferLimiter(settings.max_concurrent_transfers)
         runner = None
         if settings.run_jobs:
             from server.training.jobs import JobRunner
@@ -86,6 +87,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def server_error(_request: Request, exc: ServerError) -> JSONResponse:
         return JSONResponse(status_code=exc.status_code, content={"detail": str(exc)})
 
-    for router in (health.router, keyring.router, datasets.router, runs.router, models.router):
+    for router in (
+        health.router,
+        keyring.router,
+        datasets.router,
+        runs.router,
+        models.router,
+        delivery.router,
+    ):
         app.include_router(router, prefix=API_PREFIX)
     return app

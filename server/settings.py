@@ -47,6 +47,9 @@ class Settings(BaseSettings):
         True, description="run queued training jobs in this process (off for API-only replicas)"
     )
     max_concurrent_runs: int = Field(1, ge=1, le=64, description="training jobs at once")
+    max_concurrent_transfers: int = Field(
+        32, ge=1, le=4096, description="artifact downloads (HTTP and MQTT blocks) served at once"
+    )
     profiles_dir: Path | None = Field(
         None, description="folder of <profile>/profile.toml; default: the shipped firmware_images"
     )
