@@ -219,6 +219,87 @@ def predict(
         )
 
 
+@app.command()
+def enroll(
+    server: Annotated[str, typer.Option("--server", help="The fleet server, https://host:port.")],
+    token: Annotated[
+        str,
+        typer.Option(
+            "--token", envvar="EDGEFLEET_ENROLL_TOKEN", help="Provisioning token (efp.…)."
+        ),
+    ],
+    config: Annotated[
+        Path, typer.Option("--config", help="The agent's TOML file; made when missing.")
+    ] = Path("agent.toml"),
+    device_id: Annotated[
+        str | None, typer.Option(help="Device id for a new config (default: generated).")
+    ] = None,
+    profile: Annotated[
+        str | None, typer.Option(help="Device profile (needed for a new config).")
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Data folder for a new config (default: next to it).")
+    ] = None,
+    tag: Annotated[list[str] | None, typer.Option(help="NAME=VALUE; repeatable.")] = None,
+    broker: Annotated[
+        str | None, typer.Option(help="Broker URL, if the server does not name it.")
+    ] = None,
+    root_key: Annotated[
+        Path | None, typer.Option(help="The fleet's root.pub, for a new config.")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Enroll again (new identity).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+) -> None:
+    """Register this device with a provisioning token and keep its broker credentials."""
+    from agent.enroll import EnrollError
+    from agent.enroll import enroll as enroll_device
+
+    tags = {}
+    for pair in tag or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key or not value:
+            err.print(f"[red]error:[/] tag {pair!r}: use NAME=VALUE")
+            raise typer.Exit(2)
+        tags[key] = value
+    try:
+        result = enroll_device(
+            server,
+            token,
+            config_path=config,
+            device_id=device_id,
+            profile=profile,
+            data_dir=data_dir,
+            tags=tags,
+            broker_url=broker,
+            root_key=root_key,
+            force=force,
+            warn=lambda message: err.print(f"[yellow]note:[/] {message}"),
+        )
+    except ConfigError as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2) from e
+    except EnrollError as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(1) from e
+    info = {
+        "device_id": result.device_id,
+        "status": result.status,
+        "config": str(result.config_path),
+        "password_file": str(result.password_file),
+        "broker_url": result.broker_url,
+        "server_url": result.server_url,
+    }
+    if as_json:
+        sys.stdout.write(json.dumps(info) + "\n")
+        return
+    typer.echo(f"device {result.device_id}: {result.status}")
+    if result.status == "pending":
+        typer.echo(f"  an operator accepts it with: edgefleet devices accept {result.device_id}")
+    typer.echo(f"  config      {result.config_path}")
+    typer.echo(f"  credentials {result.password_file} (mode 0600)")
+    typer.echo(f"  broker      {result.broker_url or '(not known: set [broker] url)'}")
+
+
 def _config_or_exit(path: Path, loader: Any) -> Any:
     try:
         return loader(path)

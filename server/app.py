@@ -17,10 +17,21 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from server import __version__
-from server.api.routes import datasets, delivery, health, keyring, models, runs
+from server.api.routes import (
+    datasets,
+    delivery,
+    devices,
+    enrollment,
+    groups,
+    health,
+    keyring,
+    models,
+    runs,
+)
 from server.artifacts import ArtifactStore
 from server.db import create_db_engine, migrate, session_scope
 from server.errors import ServerError
+from server.fleet.inventory import start_inventory_consumer
 from server.keys import init_keys, load_fleet_keys, record_keyring
 from server.settings import Settings, get_settings
 
@@ -63,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
             runner.start()
         app.state.job_runner = runner
+        app.state.inventory = start_inventory_consumer(engine, settings)
         log.info(
             "server ready",
             extra={"data_dir": str(settings.data_dir), "keyring_version": keys.keyring.version},
@@ -72,6 +84,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             if runner is not None:
                 runner.stop()
+            if app.state.inventory is not None:
+                app.state.inventory.stop()
             engine.dispose()
 
     app = FastAPI(
@@ -94,6 +108,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         runs.router,
         models.router,
         delivery.router,
+        enrollment.router,
+        devices.router,
+        groups.router,
     ):
         app.include_router(router, prefix=API_PREFIX)
     return app

@@ -16,7 +16,10 @@ from rich.console import Console
 
 from server import __version__
 from server.commands import datasets as datasets_commands
+from server.commands import devices as devices_commands
+from server.commands import groups as groups_commands
 from server.commands import models as models_commands
+from server.commands import tokens as tokens_commands
 from server.commands import train as train_commands
 
 app = typer.Typer(
@@ -34,6 +37,9 @@ app.command("train", help="Start a training run on a dataset version (--wait sho
 )
 app.add_typer(train_commands.app, name="runs")
 app.add_typer(models_commands.app, name="models")
+app.add_typer(devices_commands.app, name="devices")
+app.add_typer(groups_commands.app, name="groups")
+app.add_typer(tokens_commands.app, name="tokens")
 
 err = Console(stderr=True)
 

@@ -230,3 +230,7 @@ class TargetArtifact(SQLModel, table=True):
     created_at: datetime = Field(
         default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False)
     )
+
+
+import server.fleet.models  # noqa: E402  (the fleet's tables, on the same metadata)
+import server.ingest.models  # noqa: E402, F401  (ingested telemetry, on the same metadata)

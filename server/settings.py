@@ -50,6 +50,12 @@ class Settings(BaseSettings):
     max_concurrent_transfers: int = Field(
         32, ge=1, le=4096, description="artifact downloads (HTTP and MQTT blocks) served at once"
     )
+    device_broker_url: str | None = Field(
+        None, description="broker URL handed to devices when they enroll; default: broker_url"
+    )
+    inventory_consumer: bool = Field(
+        True, description="keep the device inventory from MQTT (when broker_url names a broker)"
+    )
     profiles_dir: Path | None = Field(
         None, description="folder of <profile>/profile.toml; default: the shipped firmware_images"
     )

@@ -7,16 +7,19 @@ tests can swap any of it with ``app.dependency_overrides``.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlmodel import Session
 
 from server.artifacts import ArtifactStore
+from server.db import utcnow
 from server.keys import FleetKeys
+from server.profiles import DEFAULT_PROFILES_DIR, Profile, load_profiles
 from server.settings import Settings
 
-__all__ = ["ArtifactsDep", "KeysDep", "SessionDep", "SettingsDep"]
+__all__ = ["ArtifactsDep", "KeysDep", "NowDep", "ProfilesDep", "SessionDep", "SettingsDep"]
 
 
 def get_settings_dep(request: Request) -> Settings:
@@ -43,3 +46,17 @@ SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 SessionDep = Annotated[Session, Depends(get_session)]
 KeysDep = Annotated[FleetKeys, Depends(get_keys)]
 ArtifactsDep = Annotated[ArtifactStore, Depends(get_artifacts)]
+
+
+def get_now() -> datetime:
+    """The current time (UTC); tests move it with ``app.dependency_overrides``."""
+    return utcnow()
+
+
+def get_profiles(request: Request) -> dict[str, Profile]:
+    directory = request.app.state.settings.profiles_dir or DEFAULT_PROFILES_DIR
+    return load_profiles(directory)
+
+
+NowDep = Annotated[datetime, Depends(get_now)]
+ProfilesDep = Annotated[dict[str, Profile], Depends(get_profiles)]
