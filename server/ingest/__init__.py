@@ -1,0 +1,1 @@
+"""Ingestion: what devices report over MQTT, validated and stored once."""

@@ -1,0 +1,339 @@
+"""Telemetry ingestion: device reports from the broker into the database, each exactly once.
+
+:class:`TelemetryIngestor` subscribes to ``ef/v1/dev/+/telemetry`` -- through a shared
+subscription (``$share/<group>/…``) when several ingestors run, so reports spread over
+processes. paho's network thread only appends to a queue; a writer thread validates
+and stores them in batches.
+
+What always holds:
+
+- Exactly-once effect on top of QoS 1: ``(device_id, seq)`` is the primary key of a
+  report, and inserts skip rows that exist, so a redelivered or replayed report
+  changes nothing. A report is acknowledged to the broker (manual PUBACK) only after
+  the transaction holding it committed: a crash before that makes the broker deliver
+  it again, never lose it.
+- Every payload is validated with ``shared``'s schema. What fails -- a topic that is
+  not a device topic, an oversized or malformed payload, a report about another
+  device than the topic's, a device that is not an accepted member of the fleet -- is
+  dropped, counted per device and reason in ``ingest_drops``, logged, and
+  acknowledged (redelivery would not make it valid). Nothing a device sends stops the
+  writer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from sqlalchemy import Engine, select, tuple_
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlmodel import Session
+
+from server.db import utcnow
+from server.fleet.models import Device, DeviceStatus
+from server.ingest.models import IngestDrop, ModelWindowRecord, TelemetryRecord
+from shared.errors import ContractError, PayloadTooLargeError
+from shared.messages import TelemetryReport
+from shared.topics import Channel, fleet_filter, parse_topic
+
+__all__ = ["IngestRejected", "IngestStats", "TelemetryIngestor", "parse_report", "store_reports"]
+
+log = logging.getLogger(__name__)
+
+
+class IngestRejected(Exception):
+    """A payload never to be stored: ``reason`` is a short code, ``device_id`` who sent it."""
+
+    def __init__(self, reason: str, device_id: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.device_id = device_id
+
+
+def parse_report(topic: str, payload: bytes) -> TelemetryReport:
+    """Validate one telemetry payload against its topic, or raise :class:`IngestRejected`."""
+    try:
+        parsed = parse_topic(topic)
+    except ContractError as e:
+        raise IngestRejected("bad_topic", "?", f"{topic!r}: {e}") from e
+    if parsed.channel != Channel.TELEMETRY:
+        raise IngestRejected("bad_topic", parsed.device_id, f"{topic!r} is not a telemetry topic")
+    try:
+        report = TelemetryReport.from_bytes(payload)
+    except PayloadTooLargeError as e:
+        raise IngestRejected("oversized", parsed.device_id, str(e)) from e
+    except ContractError as e:
+        raise IngestRejected("malformed", parsed.device_id, str(e)) from e
+    if report.device_id != parsed.device_id:
+        raise IngestRejected(
+            "wrong_device",
+            parsed.device_id,
+            f"a report about {report.device_id!r} published on {parsed.device_id!r}'s topic",
+        )
+    return report
+
+
+def _insert(session: Session, table: Any, rows: list[dict[str, Any]], keys: list[str]) -> None:
+    if not rows:
+        return
+    dialect = session.get_bind().dialect.name
+    module = postgresql if dialect == "postgresql" else sqlite
+    statement = module.insert(table).on_conflict_do_nothing(index_elements=keys)
+    session.execute(statement, rows)
+
+
+def store_reports(session: Session, reports: Iterable[TelemetryReport]) -> int:
+    """Insert reports not stored yet (in the caller's transaction); return how many were new."""
+    batch = {(r.device_id, r.seq): r for r in reports}  # a duplicate within the batch, too
+    if not batch:
+        return 0
+    table = TelemetryRecord.__table__  # type: ignore[attr-defined]
+    existing = set(
+        session.execute(
+            select(table.c.device_id, table.c.seq).where(
+                tuple_(table.c.device_id, table.c.seq).in_(list(batch))
+            )
+        ).all()
+    )
+    new = [r for key, r in batch.items() if key not in existing]
+    received = utcnow()
+    _insert(
+        session,
+        table,
+        [
+            {
+                "device_id": r.device_id,
+                "seq": r.seq,
+                "window_start": r.window_start,
+                "window_end": r.window_end,
+                "received_at": received,
+                "dropped_reports": r.dropped_reports,
+                "rss_bytes": r.resources.rss_bytes,
+                "cpu_seconds": r.resources.cpu_seconds,
+            }
+            for r in new
+        ],
+        ["device_id", "seq"],
+    )
+    _insert(
+        session,
+        ModelWindowRecord.__table__,  # type: ignore[attr-defined]
+        [
+            {
+                "device_id": r.device_id,
+                "seq": r.seq,
+                "model_name": m.model_name,
+                "model_version": m.model_version,
+                "target": m.target,
+                "window_start": r.window_start,
+                "window_end": r.window_end,
+                "inferences": m.inferences,
+                "errors": m.errors,
+                "latency_json": m.latency_ms.model_dump_json(),
+                "drift_json": None if m.drift is None else m.drift.model_dump_json(),
+            }
+            for r in new
+            for m in r.models
+        ],
+        ["device_id", "seq", "model_name"],
+    )
+    return len(new)
+
+
+def record_drops(session: Session, drops: Iterable[IngestRejected], *, at: datetime) -> None:
+    """Add refused payloads to the per-device, per-reason counters."""
+    counts = Counter((d.device_id, d.reason) for d in drops)
+    details = {(d.device_id, d.reason): str(d)[:1000] for d in drops}
+    for (device_id, reason), count in counts.items():
+        row = session.get(IngestDrop, (device_id[:64], reason))
+        if row is None:
+            row = IngestDrop(device_id=device_id[:64], reason=reason, count=0)
+        row.count += count
+        row.last_at = at
+        row.last_detail = details[(device_id, reason)]
+        session.add(row)
+
+
+def accepted_devices(session: Session, device_ids: Iterable[str]) -> set[str]:
+    ids = list(set(device_ids))
+    if not ids:
+        return set()
+    rows = session.execute(
+        select(Device.id).where(  # type: ignore[call-overload]
+            Device.id.in_(ids),  # type: ignore[attr-defined]
+            Device.status == DeviceStatus.ACCEPTED.value,
+        )
+    )
+    return {row[0] for row in rows}
+
+
+@dataclass
+class IngestStats:
+    received: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    dropped: int = 0
+    batches: int = 0
+    errors: int = 0
+
+
+class TelemetryIngestor:
+    """Consume telemetry from the broker into the database (see the module docstring)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        host: str,
+        port: int,
+        username: str | None = None,
+        password: str | None = None,
+        share_group: str | None = None,
+        client_id: str | None = None,
+        batch_size: int = 500,
+        flush_interval: float = 0.2,
+        max_queue: int = 50_000,
+        client_factory: Callable[[], mqtt.Client] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.host, self.port = host, port
+        self.share_group = share_group
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self._queue: queue.Queue[tuple[str, bytes, int, int]] = queue.Queue(max_queue)
+        self._stopping = threading.Event()
+        self._writer: threading.Thread | None = None
+        self._stats = IngestStats()
+        self._lock = threading.Lock()
+        if client_factory is not None:
+            self._client = client_factory()
+        else:
+            self._client = mqtt.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=client_id or "",
+                protocol=mqtt.MQTTv311,
+                clean_session=client_id is None,
+                manual_ack=True,
+            )
+        if username is not None:
+            self._client.username_pw_set(username, password)
+        self._client.on_connect = self._on_connect
+        self._client.on_message = self._on_message
+        self._client.reconnect_delay_set(0.5, 30)
+
+    # -- paho's thread: enqueue only, never raise
+
+    def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        if not reason.is_failure:
+            client.subscribe(fleet_filter(Channel.TELEMETRY, share_group=self.share_group), qos=1)
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
+        try:
+            self._queue.put_nowait(
+                (message.topic, bytes(message.payload), message.mid, message.qos)
+            )
+        except queue.Full:  # not acknowledged: the broker delivers it again later
+            log.warning("ingest queue full; a report waits for redelivery")
+
+    # -- lifecycle
+
+    def start(self) -> None:
+        self._writer = threading.Thread(target=self._write_loop, name="ingest-writer", daemon=True)
+        self._writer.start()
+        self._client.connect_async(self.host, self.port, keepalive=30)
+        self._client.loop_start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        if self._writer is not None:
+            self._writer.join(timeout)
+        with contextlib.suppress(Exception):
+            self._client.disconnect()
+        self._client.loop_stop()
+
+    def stats(self) -> IngestStats:
+        with self._lock:
+            return IngestStats(**self._stats.__dict__)
+
+    # -- the writer
+
+    def _take_batch(self) -> list[tuple[str, bytes, int, int]]:
+        try:
+            first = self._queue.get(timeout=self.flush_interval)
+        except queue.Empty:
+            return []
+        batch = [first]
+        deadline = time.monotonic() + self.flush_interval
+        while len(batch) < self.batch_size:
+            remaining = deadline - time.monotonic()
+            try:
+                batch.append(
+                    self._queue.get(timeout=max(remaining, 0))
+                    if remaining > 0
+                    else self._queue.get_nowait()
+                )
+            except queue.Empty:
+                break
+        return batch
+
+    def _write_loop(self) -> None:
+        while not self._stopping.is_set() or not self._queue.empty():
+            batch = self._take_batch()
+            if not batch:
+                continue
+            try:
+                self._write(batch)
+            except Exception:  # the database is down, say: keep the batch unacknowledged
+                log.exception("storing a telemetry batch failed; it will be redelivered")
+                with self._lock:
+                    self._stats.errors += 1
+                time.sleep(1.0)
+
+    def _write(self, batch: list[tuple[str, bytes, int, int]]) -> None:
+        reports: list[TelemetryReport] = []
+        drops: list[IngestRejected] = []
+        for topic, payload, _mid, _qos in batch:
+            try:
+                reports.append(parse_report(topic, payload))
+            except IngestRejected as e:
+                drops.append(e)
+        with Session(self.engine) as session:
+            known = accepted_devices(session, (r.device_id for r in reports))
+            for report in reports:
+                if report.device_id not in known:
+                    drops.append(
+                        IngestRejected(
+                            "unknown_device",
+                            report.device_id,
+                            f"{report.device_id!r} is not an accepted device of this fleet",
+                        )
+                    )
+            reports = [r for r in reports if r.device_id in known]
+            stored = store_reports(session, reports)
+            if drops:
+                record_drops(session, drops, at=utcnow())
+            session.commit()
+        for drop in drops:
+            log.warning(
+                "telemetry dropped",
+                extra={"device_id": drop.device_id, "reason": drop.reason, "detail": str(drop)},
+            )
+        for _topic, _payload, mid, qos in batch:  # only now: the batch is durable
+            if qos > 0:
+                self._client.ack(mid, qos)
+        with self._lock:
+            self._stats.received += len(batch)
+            self._stats.stored += stored
+            self._stats.duplicates += len(reports) - stored
+            self._stats.dropped += len(drops)
+            self._stats.batches += 1
