@@ -19,6 +19,7 @@ from server.commands import datasets as datasets_commands
 from server.commands import devices as devices_commands
 from server.commands import groups as groups_commands
 from server.commands import models as models_commands
+from server.commands import simulate as simulate_commands
 from server.commands import tokens as tokens_commands
 from server.commands import train as train_commands
 
@@ -40,6 +41,9 @@ app.add_typer(models_commands.app, name="models")
 app.add_typer(devices_commands.app, name="devices")
 app.add_typer(groups_commands.app, name="groups")
 app.add_typer(tokens_commands.app, name="tokens")
+app.command(
+    "simulate", help="Enroll simulated devices and run them against the server and broker."
+)(simulate_commands.simulate)
 
 err = Console(stderr=True)
 

@@ -171,6 +171,7 @@ class SimulatedDevice:
         profile: str,
         runtime: tuple[str, str],
         root_keys: list[VerifyKey],
+        arch: str = "x86_64",
         behaviour: Behaviour | None = None,
         block_size: int = 64 * 1024,
         blocks_per_request: int = 16,
@@ -181,6 +182,7 @@ class SimulatedDevice:
         self.device_id = device_id
         self.profile = profile
         self.runtime = runtime
+        self.arch = arch
         self.behaviour = behaviour or Behaviour()
         self.trust = TrustState.from_root_keys(root_keys)
         self.block_size = block_size
@@ -465,7 +467,7 @@ class SimulatedDevice:
             device_id=self.device_id,
             agent_version=AGENT_VERSION,
             profile=self.profile,
-            arch="x86_64",
+            arch=self.arch,
             runtime=RuntimeInfo(name=self.runtime[0], version=self.runtime[1]),
             manifest_version=self.trust.manifest_version,
             keyring_version=0 if keyring is None else keyring.version,
