@@ -1,32 +1,60 @@
 """The running agent: wires the store, runtimes, monitoring, local API, transport, outbox
-and updater together.
+and updater together, and judges each new model on probation.
 
 Threads and what each may do:
 
 - the **main loop** reads the transport's inbox (paho's callbacks only enqueue there),
   hands artifact blocks to the downloader's frame queue and desired states to the
   update thread (latest wins), and closes telemetry windows into the outbox;
-- the **update thread** plans, downloads, verifies, self-tests, activates and, when
-  the health check fails, rolls back -- one update at a time;
-- the local API's threads serve predictions from the active model;
+- the **update thread** plans, downloads, verifies, self-tests, activates, watches
+  the health check and, when it fails, rolls back -- one update at a time: a desired
+  state that arrives meanwhile waits (at most ``limits.health_check_max_seconds``);
+- the local API's threads (and callers of :meth:`Agent.predict`) serve predictions
+  from the active model;
 - the transport's network thread and the outbox publisher are their modules' own.
+
+The health check. Right after activation the bundle's self-test inputs are replayed
+as traffic (so a device without traffic still gets a check); then the model is on
+*probation* for its first ``limits.health_check_inferences`` real inferences, or
+``limits.health_check_max_seconds`` by the injected clock, whichever comes first.
+Serving threads only count into a :class:`Probation` (a short lock around two
+counters; nothing is held across an inference); the update thread reads the
+verdict (:func:`judge_health`): a share of runtime errors over
+``limits.health_check_max_error_rate`` (a caller's bad input is not the model's
+error) or a p95 latency over the profile's ``latency_sla_ms_p95`` rolls the model
+back by itself -- ``health_check_failed`` and ``rolled_back`` events whose detail
+names the cause and its numbers, the last update result and the retained state
+say so -- and passing is a ``health_check_passed`` event. With fewer inferences by
+the deadline, those are judged; with none, the replay's verdict stands.
+
+Restarts. A probation marker (``agent.store.ProbationMarker``) is written before a
+new model is first loaded and before its pointer moves, and removed when it passes.
+At start, a marker means the agent was killed or crashed while that update was
+loaded, self-tested or on probation: each start counts; up to
+``limits.health_check_max_restarts`` the install or the probation starts again (a
+power cut is not the model's fault), beyond it the update is given up -- rolled back
+if it was active, refused either way for the current manifest version -- so a model
+that crashes the process on load or on inference cannot trap the device in a loop.
 
 What always holds: the agent starts and serves the last good model with no broker
 and no network; nothing on the inference path touches the network; a refused
 desired state changes nothing on disk but a ``rejected`` event in the outbox; the
-active pointer moves only after a bundle verified, loaded and passed its self-tests.
+active pointer moves only after a bundle verified, loaded and passed its self-tests;
+a model on probation has a marker on disk until its verdict is recorded.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import platform
 import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,19 +62,32 @@ from typing import Any
 import numpy as np
 
 from agent import __version__
-from agent.config import AgentConfig
+from agent.config import AgentConfig, Limits
 from agent.download import BlockDownloader, DownloadError, TransportFrameSource, http_download
 from agent.errors import AgentError
 from agent.http_api import LocalApi
 from agent.monitoring import WindowMonitor
 from agent.outbox import Outbox, OutboxPublisher
-from agent.runtime import LoadedModel, ModelRuntimeError, available_runtimes
-from agent.store import BundleRef, ModelStore
+from agent.runtime import (
+    InputError,
+    LoadedModel,
+    ModelRuntimeError,
+    Prediction,
+    available_runtimes,
+)
+from agent.store import (
+    BundleRef,
+    ModelStore,
+    NoPreviousVersionError,
+    ProbationMarker,
+    StoreError,
+)
 from agent.transport import MqttTransport
 from agent.updater import TrustStore, UpdatePlan, plan_update
-from shared.bundle import check_target, read_bundle
+from shared.bundle import Bundle, check_target, read_bundle
 from shared.errors import ContractError, RejectReason
 from shared.messages import (
+    ArtifactRef,
     Deployment,
     DeviceState,
     Event,
@@ -58,9 +99,147 @@ from shared.messages import (
 )
 from shared.topics import Channel, device_topic
 
-__all__ = ["Agent"]
+__all__ = ["Agent", "HealthVerdict", "NoModelError", "Probation", "judge_health"]
 
 log = logging.getLogger(__name__)
+
+HEALTH_CHECK_FAILED = "health_check_failed"
+"""The reason of a rollback the health check decided (events and the last update)."""
+_PROBATION_POLL_SECONDS = 0.1  # how often the update thread looks at the injected clock
+
+
+class NoModelError(AgentError):
+    """:meth:`Agent.predict` was called while no model is active."""
+
+
+# ----------------------------------------------------------------------------- health check
+
+
+@dataclass(frozen=True, slots=True)
+class HealthVerdict:
+    """Whether a model is healthy; ``cause`` (``errors`` or ``latency``) when it is not."""
+
+    passed: bool
+    detail: str
+    cause: str | None = None
+
+
+def judge_health(
+    latencies_ms: Sequence[float],
+    errors: int,
+    *,
+    max_error_rate: float,
+    sla_ms_p95: float | None,
+    what: str = "inferences",
+) -> HealthVerdict:
+    """The verdict on some inferences: ``latencies_ms`` of those that succeeded, and
+    ``errors``, those that failed. Pure; ``detail`` carries the numbers either way."""
+    total = len(latencies_ms) + errors
+    if total == 0:
+        return HealthVerdict(True, f"no {what} to judge")
+    rate = errors / total
+    if rate > max_error_rate:
+        return HealthVerdict(
+            False,
+            f"errors: {errors} of {total} {what} failed ({rate:.0%}), over the limit of "
+            f"{max_error_rate:.0%}",
+            "errors",
+        )
+    if not latencies_ms:
+        return HealthVerdict(True, f"{total} {what}, {errors} failed")
+    p95 = float(np.percentile(np.asarray(latencies_ms, dtype=np.float64), 95))
+    if sla_ms_p95 is not None and p95 > sla_ms_p95:
+        return HealthVerdict(
+            False,
+            f"latency: p95 {p95:.4g} ms over the profile's SLA of {sla_ms_p95:g} ms "
+            f"({len(latencies_ms)} {what})",
+            "latency",
+        )
+    return HealthVerdict(True, f"{total} {what}, {errors} failed, p95 {p95:.4g} ms")
+
+
+class Probation:
+    """A newly activated model's first real inferences, counted until its verdict is due.
+
+    :meth:`observe` is called on serving threads for every inference of any model and
+    keeps only ``model``'s, the first ``limits.health_check_inferences`` of them; it
+    takes a lock for a few counters only. :meth:`verdict` (the update thread) is None
+    until they all came, too many failed to pass whatever follows, or ``now`` reached
+    the deadline.
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        deployment: Deployment,
+        *,
+        rollout_id: str | None,
+        limits: Limits,
+        sla_ms_p95: float | None,
+        now: float,
+    ) -> None:
+        self.model = model
+        self.deployment = deployment
+        self.rollout_id = rollout_id
+        self.inferences = limits.health_check_inferences
+        self.max_error_rate = limits.health_check_max_error_rate
+        self.max_seconds = limits.health_check_max_seconds
+        self.sla_ms_p95 = sla_ms_p95
+        self.deadline = now + limits.health_check_max_seconds
+        # More failures than this and the rate over all of them is over the limit already.
+        self._allowed_errors = math.floor(self.max_error_rate * self.inferences + 1e-9)
+        self._latencies: list[float] = []
+        self._errors = 0
+        self._lock = threading.Lock()
+        self.due = threading.Event()
+        """Set once the verdict no longer waits for the clock (the update thread waits on it)."""
+
+    def observe(self, model: object, latency_ms: float | None) -> None:
+        """One inference served by ``model``: its latency, or None when it failed."""
+        if model is not self.model:
+            return  # the model it replaced, finishing a request
+        with self._lock:
+            if self.due.is_set():
+                return
+            if latency_ms is None:
+                self._errors += 1
+            else:
+                self._latencies.append(latency_ms)
+            if (
+                self._errors + len(self._latencies) >= self.inferences
+                or self._errors > self._allowed_errors
+            ):
+                self.due.set()
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "model_name": self.deployment.model_name,
+                "model_version": self.deployment.model_version,
+                "inferences": len(self._latencies) + self._errors,
+                "errors": self._errors,
+                "needed": self.inferences,
+            }
+
+    def verdict(self, now: float) -> HealthVerdict | None:
+        if not self.due.is_set() and now < self.deadline:
+            return None
+        with self._lock:
+            self.due.set()  # nothing counts after the verdict
+            latencies, errors = list(self._latencies), self._errors
+        verdict = judge_health(
+            latencies, errors, max_error_rate=self.max_error_rate, sla_ms_p95=self.sla_ms_p95
+        )
+        seen = len(latencies) + errors
+        if seen < self.inferences and verdict.passed:
+            detail = (
+                f"{verdict.detail}; {seen} of {self.inferences} inferences came within "
+                f"{self.max_seconds:g} s"
+            )
+            if seen == 0:
+                detail = f"no inference within {self.max_seconds:g} s; the self-test replay passed"
+            verdict = HealthVerdict(True, detail)
+        return verdict
 
 
 def _utc_now() -> datetime:
@@ -95,6 +274,9 @@ class Agent:
         self._refused: set[str] = set()
         self._last_desired: bytes | None = None
         self._retry_at: float | None = None
+        self._probation: Probation | None = None
+        self._resumed: list[ProbationMarker] = []
+        self.publisher: OutboxPublisher | None = None  # events may be put before it starts
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -120,6 +302,7 @@ class Agent:
             clock=self._clock,
             wall_clock=self._now,
         )
+        self._recover_probations()  # before any model is loaded: it may be the one that crashes
         self._load_active_models()
         self.api: LocalApi | None = None
         if config.http.enabled:
@@ -129,9 +312,9 @@ class Agent:
                 config=config.http,
                 limits=config.limits,
                 status_provider=self.status,
+                on_inference=self._observe,
             )
             self.api_address = self.api.start()
-        self.publisher: OutboxPublisher | None = None
         if config.broker is not None:
             self.transport = self._transport_factory(
                 config.broker, device_id=config.device_id, limits=config.limits
@@ -172,6 +355,40 @@ class Agent:
     def active_model(self) -> LoadedModel | None:
         """The model the local API serves (called on every request: no work here)."""
         return self._serving
+
+    def predict(self, rows: Any) -> Prediction:
+        """Serve raw rows with the active model, counted as a local API request is:
+        in the telemetry window and, for a model on probation, in its health check.
+
+        Raises :class:`NoModelError` with no model, and the runtime's
+        :class:`~agent.runtime.InputError` for rows it cannot take.
+        """
+        model = self._serving
+        if model is None:
+            self.monitor.record_error("unavailable")
+            raise NoModelError("no model is active")
+        manifest = model.manifest
+        started = time.perf_counter()
+        try:
+            prediction = model.predict(rows)
+        except InputError:
+            self.monitor.record_error("input", manifest=manifest)
+            raise
+        except Exception:
+            self.monitor.record_error("runtime", manifest=manifest)
+            self._observe(model, None)
+            raise
+        latency_ms = (time.perf_counter() - started) * 1000.0
+        self._observe(model, latency_ms)
+        raw = np.asarray(rows, dtype=np.float64).reshape(len(prediction.outputs), -1)
+        self.monitor.record(raw, prediction, latency_ms, manifest=manifest)
+        return prediction
+
+    def _observe(self, model: object, latency_ms: float | None) -> None:
+        """The hot path's share of the health check: nothing unless a model is on probation."""
+        probation = self._probation
+        if probation is not None:
+            probation.observe(model, latency_ms)
 
     def _set_model(self, name: str, model: LoadedModel | None) -> None:
         """Change one model and recompute which one is served (the first by name)."""
@@ -217,6 +434,7 @@ class Agent:
             "last_update": None
             if self.last_update is None
             else self.last_update.model_dump(mode="json"),
+            "probation": None if (probation := self._probation) is None else probation.snapshot(),
         }
 
     # ------------------------------------------------------------------ main loop
@@ -320,6 +538,12 @@ class Agent:
     # ------------------------------------------------------------------ updates
 
     def _update_loop(self) -> None:
+        resumed, self._resumed = self._resumed, []
+        for marker in resumed:
+            try:
+                self._resume_probation(marker)
+            except Exception:  # the update thread must survive anything
+                log.exception("resuming the health check of %s failed", marker.model_name)
         while not self._stopping.is_set():
             try:
                 payload = self._desired.get(timeout=0.5)
@@ -331,7 +555,10 @@ class Agent:
                 log.exception("update failed unexpectedly")
 
     def apply_desired(self, payload: bytes) -> UpdatePlan | None:
-        """Plan and carry out one desired state; a refusal changes nothing but an event."""
+        """Plan and carry out one desired state; a refusal changes nothing but an event.
+
+        Returns once every new model was activated and judged (or refused).
+        """
         running = {}
         for name in self.models:
             ref = self.store.current(name)
@@ -358,7 +585,10 @@ class Agent:
             self.trust = plan.state
             self.trust_store.save(plan.state, keyring_envelope=plan.keyring_envelope)
             self._refused.clear()
+        self._forget_stale_markers(plan)
         pending = [d for d in plan.fetch if d.artifact.sha256 not in self._refused]
+        with contextlib.suppress(OSError):  # downloads nobody asks for any more
+            self.store.clean_tmp(keep={d.artifact.sha256 for d in pending})
         if not plan.is_new and not pending:
             return plan
         for deployment in pending:
@@ -371,66 +601,107 @@ class Agent:
         self._state_dirty.set()
         return plan
 
-    def _install(self, deployment: Deployment, plan: UpdatePlan) -> None:
-        keyring = self.trust.keyring
-        assert keyring is not None
-        ref = deployment.artifact
-        self._event(EventKind.DOWNLOADING, deployment)
-        try:
-            path = self._download(deployment)
-            with path.open("rb") as f:
-                bundle = read_bundle(
-                    f,
-                    trusted_keys=keyring.verify_keys(),
-                    threshold=keyring.threshold,
-                    expected_sha256=ref.sha256,
-                    expected_length=ref.length,
-                    max_bytes=self.config.limits.max_bundle_bytes,
+    def _forget_stale_markers(self, plan: UpdatePlan) -> None:
+        """Drop probation markers the accepted desired state made pointless: refusals of an
+        older manifest, and interrupted installs of something no longer asked for."""
+        wanted = {d.model_name: d.artifact.sha256 for d in plan.desired.deployments}
+        for marker in self.store.probations():
+            name = marker.model_name
+            if marker.failed is not None:
+                stale = marker.manifest_version != plan.state.manifest_version
+            else:
+                stale = wanted.get(name) != marker.ref.sha256 and not marker.ref.same_bundle(
+                    self.store.current(name)
                 )
+            if stale:
+                self.store.end_probation(name)
+
+    def _install(self, deployment: Deployment, plan: UpdatePlan) -> None:
+        ref = deployment.artifact
+        name = deployment.model_name
+        rollout_id = plan.desired.rollout_id
+        bundle_ref = BundleRef(
+            sha256=ref.sha256,
+            length=ref.length,
+            model_version=deployment.model_version,
+            target=deployment.target,
+        )
+        marked = False
+        try:
+            path, bundle, staged = self._fetch(deployment)
             check_target(
                 bundle.manifest,
-                model_name=deployment.model_name,
+                model_name=name,
                 model_version=deployment.model_version,
                 target=deployment.target,
                 runtimes=self.runtimes,
             )
             self._event(EventKind.VERIFIED, deployment)
+            # Before the model is first loaded: if loading or running it kills the
+            # process, the next start finds this marker and counts it.
+            self.store.begin_probation(
+                name,
+                bundle_ref,
+                manifest_version=self.trust.manifest_version,
+                rollout_id=rollout_id,
+            )
+            marked = True
             trial = LoadedModel.load(bundle, limits=self.config.limits)
             trial.run_self_tests()
-            self.store.stage(path, sha256=ref.sha256, length=ref.length)
+            if not staged:
+                self.store.stage(path, sha256=ref.sha256, length=ref.length)
+            self.store.activate(name, bundle_ref)
         except ContractError as e:
-            self._discard(ref.sha256)
             reason = str(getattr(e, "reason", RejectReason.MALFORMED))
-            self._reject(plan, deployment, reason, e)
+            self._reject(plan, deployment, reason, e, marked=marked)
             return
         except ModelRuntimeError as e:
-            self._discard(ref.sha256)
-            self._reject(plan, deployment, "self_test_failed", e)
+            self._reject(plan, deployment, "self_test_failed", e, marked=marked)
             return
-        except (DownloadError, OSError) as e:
+        except (DownloadError, StoreError, OSError) as e:
+            reason = "download_failed" if isinstance(e, DownloadError) else "store_failed"
             self._retry_at = self._clock() + self.config.limits.backoff_max_seconds
-            self._finish(plan, UpdateOutcome.FAILED, "download_failed", str(e))
-            self._event(
-                EventKind.FAILED, deployment, reason="download_failed", detail=str(e)[:1000]
-            )
+            self._finish(plan, UpdateOutcome.FAILED, reason, str(e))
+            self._event(EventKind.FAILED, deployment, reason=reason, detail=str(e)[:1000])
             return
-        self.store.activate(
-            deployment.model_name,
-            BundleRef(
-                sha256=ref.sha256,
-                length=ref.length,
-                model_version=deployment.model_version,
-                target=deployment.target,
-            ),
-        )
-        self._set_model(deployment.model_name, trial)
+        self._set_model(name, trial)
         self.monitor.set_model(trial.manifest)
         self._event(EventKind.ACTIVATED, deployment)
-        if self._healthy(trial):
-            self._event(EventKind.HEALTH_CHECK_PASSED, deployment)
-            self._finish(plan, UpdateOutcome.ACTIVATED, None, None)
-        else:
-            self._roll_back(plan, deployment)
+        self._probate(trial, deployment, rollout_id)
+
+    def _fetch(self, deployment: Deployment) -> tuple[Path, Bundle, bool]:
+        """The artifact, verified: (path, bundle, whether it is staged in ``bundles/``).
+
+        A bundle already staged (an attempt a kill cut short, or the previous version
+        asked for again) is not fetched again -- unless it no longer verifies.
+        """
+        ref = deployment.artifact
+        if self.store.has_bundle(ref.sha256, ref.length):
+            path = self.store.bundle_path(ref.sha256)
+            try:
+                return path, self._read_verified(path, ref), True
+            except (ContractError, OSError) as e:
+                log.warning(
+                    "staged bundle %s no longer verifies; fetching it again: %s", ref.sha256[:12], e
+                )
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        self._event(EventKind.DOWNLOADING, deployment)
+        path = self._download(deployment)
+        return path, self._read_verified(path, ref), False
+
+    def _read_verified(self, path: Path, ref: ArtifactRef) -> Bundle:
+        keyring = self.trust.keyring
+        assert keyring is not None
+        with path.open("rb") as f:
+            return read_bundle(
+                f,
+                trusted_keys=keyring.verify_keys(),
+                threshold=keyring.threshold,
+                expected_sha256=ref.sha256,
+                expected_length=ref.length,
+                max_bytes=self.config.limits.max_bundle_bytes,
+            )
 
     def _discard(self, sha256: str) -> None:
         """Nothing from a refused artifact stays on the device (partial or complete)."""
@@ -457,44 +728,224 @@ class Agent:
         )
         return downloader.download(deployment.artifact, dest)
 
-    def _healthy(self, model: LoadedModel) -> bool:
-        """Run the self-test inputs as live traffic: no errors, p95 within the profile's SLA."""
-        sla = self.config.latency_sla_ms_p95
-        latencies = []
-        inputs = [row for test in model.manifest.self_tests for row in test.input] or []
+    # ------------------------------------------------------------------ health check
+
+    def _probate(self, model: LoadedModel, deployment: Deployment, rollout_id: str | None) -> None:
+        """Judge a model that was just activated: the self-test replay at once, then its
+        first real inferences; pass (marker removed) or roll back. Returns on the
+        verdict, or when the agent stops (the marker stays: the next start resumes)."""
+        limits = self.config.limits
+        replay = self._replay_self_tests(model)
+        if not replay.passed:
+            self._roll_back(deployment, rollout_id, f"self-test replay: {replay.detail}")
+            return
+        probation = Probation(
+            model,
+            deployment,
+            rollout_id=rollout_id,
+            limits=limits,
+            sla_ms_p95=self.config.latency_sla_ms_p95,
+            now=self._clock(),
+        )
+        self._finish(
+            rollout_id,
+            UpdateOutcome.ACTIVATED,
+            None,
+            f"on probation: the self-test replay passed ({replay.detail}); watching the first "
+            f"{limits.health_check_inferences} inferences for at most "
+            f"{limits.health_check_max_seconds:g} s",
+        )
+        self._probation = probation
+        try:
+            while (verdict := probation.verdict(self._clock())) is None:
+                if self._stopping.is_set():
+                    return
+                probation.due.wait(_PROBATION_POLL_SECONDS)
+        finally:
+            self._probation = None
+        if verdict.passed:
+            self._pass(deployment, rollout_id, verdict.detail)
+        else:
+            self._roll_back(deployment, rollout_id, verdict.detail)
+
+    def _replay_self_tests(self, model: LoadedModel) -> HealthVerdict:
+        """Run the self-test inputs one by one as live traffic: no errors, p95 within the SLA."""
+        inputs = [row for test in model.manifest.self_tests for row in test.input]
         if not inputs:
-            return True
-        for _ in range(max(1, self.config.limits.health_check_inferences // len(inputs))):
+            return HealthVerdict(True, "no self-test inputs to replay")
+        latencies = []
+        rounds = max(1, self.config.limits.health_check_inferences // len(inputs))
+        for _ in range(rounds):
             for row in inputs:
                 started = time.perf_counter()
                 try:
                     model.predict(np.asarray([row], dtype=np.float64))
-                except ModelRuntimeError as e:
-                    log.error("health check: inference failed: %s", e)
-                    return False
+                except Exception as e:  # whatever the runtime raises, the model failed
+                    return HealthVerdict(False, f"errors: a self-test input failed: {e}", "errors")
                 latencies.append((time.perf_counter() - started) * 1000)
-        p95 = float(np.percentile(latencies, 95))
-        if sla is not None and p95 > sla:
-            log.error("health check: p95 latency %.2f ms over the SLA of %.2f ms", p95, sla)
+        return judge_health(
+            latencies,
+            0,
+            max_error_rate=0.0,
+            sla_ms_p95=self.config.latency_sla_ms_p95,
+            what="replayed self-test inputs",
+        )
+
+    def _pass(self, deployment: Deployment, rollout_id: str | None, detail: str) -> None:
+        """Report the pass, then remove the marker: killed in between, the next start
+        checks the model once more and reports again -- never a pass left unreported."""
+        name = deployment.model_name
+        log.info("%s v%s passed its health check: %s", name, deployment.model_version, detail)
+        self._event(
+            EventKind.HEALTH_CHECK_PASSED, deployment, rollout_id=rollout_id, detail=detail[:1000]
+        )
+        self._finish(rollout_id, UpdateOutcome.ACTIVATED, None, f"health check passed: {detail}")
+        try:
+            self.store.end_probation(name)
+        except StoreError as e:  # the next start checks it once more; nothing worse
+            log.error("%s", e)
+        try:  # keep what the pointers name (current and previous), drop older versions
+            self.store.garbage_collect()
+        except StoreError as e:
+            log.warning("%s", e)
+
+    def _roll_back(self, deployment: Deployment, rollout_id: str | None, detail: str) -> None:
+        """Give the update up, say why, then restore the previous version.
+
+        In that order: the failed marker first, so a kill from there on still ends
+        rolled back (the next start moves the pointer before anything loads); the
+        report before the pointer moves, so a kill cannot lose it (the next start
+        reports once more).
+        """
+        name = deployment.model_name
+        log.error(
+            "%s v%s failed its health check, rolling back: %s",
+            name,
+            deployment.model_version,
+            detail,
+        )
+        self._refused.add(deployment.artifact.sha256)
+        try:
+            self.store.fail_probation(name, detail[:1000])
+        except StoreError as e:  # rolled back all the same; only a kill now would forget it
+            log.error("%s", e)
+        self._report_rollback(deployment, rollout_id, detail)
+        try:
+            restored = self._restore_previous(name)
+        except StoreError as e:
+            log.error("cannot move %s back: %s; the next start finishes the rollback", name, e)
+            return
+        if restored:
+            self._load_active_models()
+        else:
+            self._set_model(name, None)
+            model = self.active_model()
+            self.monitor.set_model(None if model is None else model.manifest)
+        self._state_dirty.set()  # the retained state names what runs now
+
+    def _restore_previous(self, name: str) -> bool:
+        """Point the model back at its previous version; without one, remove it. Pointer only."""
+        try:
+            self.store.rollback(name)
+        except NoPreviousVersionError:
+            self.store.deactivate(name)
             return False
         return True
 
-    def _roll_back(self, plan: UpdatePlan, deployment: Deployment) -> None:
-        name = deployment.model_name
-        try:
-            self.store.rollback(name)
-        except AgentError:
-            self.store.deactivate(name)
-            self._set_model(name, None)
-        else:
-            self._load_active_models()
-        self._event(EventKind.ROLLED_BACK, deployment, reason="health_check_failed")
-        self._finish(plan, UpdateOutcome.ROLLED_BACK, "health_check_failed", None)
+    def _report_rollback(self, deployment: Deployment, rollout_id: str | None, detail: str) -> None:
+        for kind in (EventKind.HEALTH_CHECK_FAILED, EventKind.ROLLED_BACK):
+            self._event(
+                kind,
+                deployment,
+                rollout_id=rollout_id,
+                reason=HEALTH_CHECK_FAILED,
+                detail=detail[:1000],
+            )
+        self._finish(rollout_id, UpdateOutcome.ROLLED_BACK, HEALTH_CHECK_FAILED, detail)
+
+    def _recover_probations(self) -> None:
+        """At start, before any model loads: act on the updates a kill or crash interrupted
+        (see the module docstring). Only pointers and markers change here."""
+        limit = self.config.limits.health_check_max_restarts
+        for marker in self.store.probations():
+            name = marker.model_name
+            deployment = _deployment(marker)
+            try:
+                in_place = marker.ref.same_bundle(self.store.current(name))
+                if marker.failed is not None:
+                    if in_place:  # given up, then killed before the pointer moved back
+                        self._report_rollback(deployment, marker.rollout_id, marker.failed)
+                        self._restore_previous(name)
+                    if marker.manifest_version == self.trust.manifest_version:
+                        self._refused.add(marker.ref.sha256)
+                    continue
+                marker = self.store.count_restart(name)
+                if marker.restarts <= limit:
+                    if in_place:
+                        self._resumed.append(marker)
+                    # else: the install starts again when the desired state comes again
+                    continue
+                stage = "on probation" if in_place else "being loaded and self-tested"
+                detail = (
+                    f"the agent restarted {marker.restarts} times while {name} "
+                    f"v{marker.ref.model_version} was {stage} (a model that crashes the "
+                    "process?); given up"
+                )
+                log.error("%s", detail)
+                self.store.fail_probation(name, detail)
+                if marker.manifest_version == self.trust.manifest_version:
+                    self._refused.add(marker.ref.sha256)
+                if in_place:
+                    self._report_rollback(deployment, marker.rollout_id, detail)
+                    self._restore_previous(name)
+                else:
+                    self._finish(
+                        marker.rollout_id, UpdateOutcome.REJECTED, "self_test_failed", detail
+                    )
+                    self._event(
+                        EventKind.REJECTED,
+                        deployment,
+                        rollout_id=marker.rollout_id,
+                        reason="self_test_failed",
+                        detail=detail,
+                    )
+            except StoreError as e:  # a damaged pointer: load_active reports it next
+                log.error("cannot recover the update of %s: %s", name, e)
+
+    def _resume_probation(self, marker: ProbationMarker) -> None:
+        """A model found on probation at start: judge it again from the beginning."""
+        name = marker.model_name
+        model = self.models.get(name)
+        if model is None or not marker.ref.same_bundle(self.store.current(name)):
+            # It did not load, or the store fell back from it: it no longer runs.
+            self.store.end_probation(name)
+            return
+        log.warning(
+            "%s v%s was on probation when the agent stopped (start %d of at most %d); "
+            "checking it again",
+            name,
+            marker.ref.model_version,
+            marker.restarts,
+            self.config.limits.health_check_max_restarts,
+        )
+        self._probate(model, _deployment(marker), marker.rollout_id)
 
     def _reject(
-        self, plan: UpdatePlan, deployment: Deployment, reason: str, error: Exception
+        self,
+        plan: UpdatePlan,
+        deployment: Deployment,
+        reason: str,
+        error: Exception,
+        *,
+        marked: bool = False,
     ) -> None:
+        self._discard(deployment.artifact.sha256)
         self._refused.add(deployment.artifact.sha256)  # not fetched again for this manifest
+        if marked:  # and not after a restart either
+            try:
+                self.store.fail_probation(deployment.model_name, f"{reason}: {error}"[:1000])
+            except StoreError as e:
+                log.error("%s", e)
         log.warning(
             "%s v%s refused (%s): %s",
             deployment.model_name,
@@ -507,20 +958,35 @@ class Agent:
 
     def _finish(
         self,
-        plan: UpdatePlan | None,
+        plan_or_rollout: UpdatePlan | str | None,
         outcome: UpdateOutcome,
         reason: str | None,
         detail: str | None,
     ) -> None:
+        rollout_id = (
+            plan_or_rollout.desired.rollout_id
+            if isinstance(plan_or_rollout, UpdatePlan)
+            else plan_or_rollout
+        )
         self.last_update = UpdateResult(
             manifest_version=self.trust.manifest_version,
-            rollout_id=None if plan is None else plan.desired.rollout_id,
+            rollout_id=rollout_id,
             outcome=outcome,
             reason=reason,
             detail=None if detail is None else detail[:1000],
             at=self._now(),
         )
         self._state_dirty.set()
+
+
+def _deployment(marker: ProbationMarker) -> Deployment:
+    """The deployment a probation marker stands for (for events)."""
+    return Deployment(
+        model_name=marker.model_name,
+        model_version=marker.ref.model_version,
+        target=marker.ref.target,
+        artifact=ArtifactRef(sha256=marker.ref.sha256, length=marker.ref.length),
+    )
 
 
 def _arch() -> str:

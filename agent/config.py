@@ -20,6 +20,10 @@ Example (``edgefleet-agent run --config agent.toml``)::
     host = "127.0.0.1"
     port = 8761
 
+    [limits]                                 # every bound has a default; e.g.
+    health_check_inferences = 20             # a new model is judged on its first 20
+    health_check_max_seconds = 300           # ...or on what came within 5 minutes
+
 What always holds: relative paths are resolved against the config file's folder; a
 value outside its bounds is refused at load with the field named; nothing here does
 network I/O.
@@ -127,8 +131,24 @@ class Limits(_Section):
     backoff_max_seconds: float = Field(120.0, gt=0)
     max_request_bytes: int = Field(4 * 1024 * 1024, gt=0, description="local API body limit")
     max_batch_rows: int = Field(1024, gt=0)
-    health_check_inferences: int = Field(20, ge=1, description="first inferences checked")
-    health_check_max_error_rate: float = Field(0.1, ge=0, le=1)
+    health_check_inferences: int = Field(
+        20, ge=1, description="first real inferences a new model is judged on"
+    )
+    health_check_max_error_rate: float = Field(
+        0.1, ge=0, le=1, description="share of those that may fail (runtime errors only)"
+    )
+    health_check_max_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="longest wait for them; then what came is judged (nothing: it passes on "
+        "its self-test replay)",
+    )
+    health_check_max_restarts: int = Field(
+        2,
+        ge=0,
+        description="agent starts tolerated while an update is loaded, self-tested or on its "
+        "health check; one more and it is given up (a model that crashes the process)",
+    )
 
     @model_validator(mode="after")
     def _backoff(self) -> Limits:

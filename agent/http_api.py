@@ -21,7 +21,9 @@ What always holds:
   and infinities are answered 400 with a message naming the problem and where.
 - Each predict request is counted in the monitor: a prediction by
   :meth:`~agent.monitoring.WindowMonitor.record`, a failure by
-  :meth:`~agent.monitoring.WindowMonitor.record_error`.
+  :meth:`~agent.monitoring.WindowMonitor.record_error`. Each call that reached the
+  model is also handed to ``on_inference`` (the agent's health check of a new model):
+  its latency, or None when the model failed -- not when the caller sent bad input.
 - The TCP listener binds loopback addresses only; at most
   :data:`MAX_CONNECTIONS` connections are served at once, the rest are answered 503.
 """
@@ -215,7 +217,9 @@ class LocalApi:
     ``predictor_provider`` returns the active model or None; ``status_provider`` the
     agent's status as JSON-able data. An :class:`~agent.runtime.InputError` from
     ``predict`` is the client's fault, answered 400 with its message; any other
-    exception is logged and answered 500.
+    exception is logged and answered 500. ``on_inference(predictor, latency_ms)`` is
+    called on the request's thread after each call of ``predict`` that was not an
+    input error (``latency_ms`` None: the model failed); it must be cheap and not raise.
     """
 
     def __init__(
@@ -226,6 +230,7 @@ class LocalApi:
         config: HttpConfig,
         limits: Limits,
         status_provider: Callable[[], Mapping[str, Any]],
+        on_inference: Callable[[Predictor, float | None], None] | None = None,
     ) -> None:
         if config.unix_socket is None and not _is_loopback(config.host):
             raise ConfigError(
@@ -237,6 +242,7 @@ class LocalApi:
         self._config = config
         self._limits = limits
         self._status_provider = status_provider
+        self._on_inference = on_inference
         self._server: _TcpServer | _UnixServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -328,11 +334,17 @@ class LocalApi:
             started = time.perf_counter()
             try:
                 prediction = predictor.predict(rows)
+                latency_ms = (time.perf_counter() - started) * 1000.0
+                if not np.isfinite(prediction.outputs).all():
+                    raise RuntimeError("the model produced a non-finite output")
             except InputError as e:
                 raise _bad(str(e)) from e
-            latency_ms = (time.perf_counter() - started) * 1000.0
-            if not np.isfinite(prediction.outputs).all():
-                raise RuntimeError("the model produced a non-finite output")
+            except Exception:
+                if self._on_inference is not None:
+                    self._on_inference(predictor, None)
+                raise
+            if self._on_inference is not None:
+                self._on_inference(predictor, latency_ms)
             predictions = _predictions(manifest, prediction)
         except _HttpError as e:
             kind = "unavailable" if e.reply.status == 503 else "input"

@@ -4,7 +4,9 @@ Layout under ``<data_dir>/models/``::
 
     bundles/<sha256>.efb    content-addressed bundle files, read-only once in place
     pointers/<model>.json   one pointer file per model name: what runs, what ran before
-    tmp/                    downloads and pointer drafts; emptied by load_active()
+    probation/<model>.json  an update of that model not yet judged healthy, or given up
+    tmp/                    downloads and file drafts; load_active() keeps only what a
+                            download can resume from (<sha256>, .part, .part.json)
 
 A pointer file holds::
 
@@ -16,6 +18,16 @@ A pointer file holds::
 One file per model (rather than one for all) so that activating one model never
 rewrites, and can never damage, another's pointer.
 
+A probation marker (:class:`ProbationMarker`) is written *before* an update is loaded
+for its trial and before its pointer moves, and removed once the update passed its
+health check. So a marker whose bundle is the current one says "killed, or crashed,
+while this version was on probation", and one whose bundle is not current says
+"killed while this version was being loaded or self-tested". The marker counts the
+agent starts that met it (:meth:`ModelStore.count_restart`), which is how a model
+that crashes the process on load or on inference is given up instead of looping
+for ever. A given-up marker (``failed`` set) stays as the record that this
+artifact is refused for its manifest version.
+
 What always holds, whenever the process is killed:
 
 - A file in ``bundles/`` is complete: it was written and fsynced under ``tmp/``, then
@@ -24,12 +36,17 @@ What always holds, whenever the process is killed:
 - A pointer file is either the old one or the new one, never a mix: it is written
   under ``tmp/``, fsynced, renamed over the old one, and the directory fsynced
   (:meth:`ModelStore.activate`). A pointer only ever names bundles already in place,
-  so moving it is the last step of an activation.
+  so moving it is the last step of an activation. Probation markers are written the
+  same way.
 - At start, :meth:`ModelStore.load_active` re-reads every current bundle and verifies
   length, sha256 and signature again (:func:`shared.bundle.read_bundle`). A current
   bundle that fails falls back to the previous one, which then becomes current on
   disk; why is kept in :attr:`ModelStore.load_problems`. A model is missing from the
   result only when neither verifies.
+- ``tmp/`` holds nothing after :meth:`ModelStore.clean_tmp` but downloads in progress
+  (``<sha256>.part`` and its ``.part.json`` sidecar) and finished ones not yet staged
+  (``<sha256>``): a restarted agent resumes those instead of fetching them again. The
+  downloader re-hashes them before it trusts a byte (``agent.download``).
 
 One agent process owns a store; a lock serializes its own pointer updates. Pure
 path and file I/O: no network, and no clock but the injected ``now``.
@@ -39,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -62,15 +80,22 @@ __all__ = [
     "MissingBundleError",
     "ModelStore",
     "NoPreviousVersionError",
+    "ProbationMarker",
     "StoreError",
 ]
 
 POINTER_SCHEMA = "ef.agent.pointer"
 POINTER_SCHEMA_VERSION = 1
+PROBATION_SCHEMA = "ef.agent.probation"
+PROBATION_SCHEMA_VERSION = 1
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # as BundleManifest.model_name
 _BUNDLE_FILE = re.compile(r"^([0-9a-f]{64})\.efb$")
+# What agent.download leaves in tmp/ and resumes from: <sha256>, <sha256>.part(.json)
+_DOWNLOAD_FILE = re.compile(r"^([0-9a-f]{64})(?:\.part|\.part\.json)?$")
 _CHUNK = 1024 * 1024
+
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -149,6 +174,52 @@ class _Pointer:
     previous: BundleRef | None
 
 
+@dataclass(frozen=True, slots=True)
+class ProbationMarker:
+    """One model's update that has not passed its health check (see the module docstring).
+
+    ``restarts``: agent starts that found this marker. ``failed``: why the update was
+    given up (then the marker is the record that ``ref`` is refused while
+    ``manifest_version`` is the accepted manifest); None while it is on trial.
+    """
+
+    model_name: str
+    ref: BundleRef
+    manifest_version: int
+    rollout_id: str | None = None
+    restarts: int = 0
+    failed: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": PROBATION_SCHEMA,
+            "schema_version": PROBATION_SCHEMA_VERSION,
+            "model_name": self.model_name,
+            "bundle": self.ref.to_dict(),
+            "manifest_version": self.manifest_version,
+            "rollout_id": self.rollout_id,
+            "restarts": self.restarts,
+            "failed": self.failed,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ProbationMarker:
+        if not isinstance(data, dict):
+            raise TypeError(f"a probation marker is an object, not {type(data).__name__}")
+        schema = (data.get("schema"), data.get("schema_version"))
+        if schema != (PROBATION_SCHEMA, PROBATION_SCHEMA_VERSION):
+            raise ValueError(f"schema {schema[0]!r} v{schema[1]!r} is not {PROBATION_SCHEMA} v1")
+        rollout_id, failed = data.get("rollout_id"), data.get("failed")
+        return cls(
+            model_name=str(data["model_name"]),
+            ref=BundleRef.from_dict(data["bundle"]),
+            manifest_version=_int(data["manifest_version"]),
+            rollout_id=None if rollout_id is None else str(rollout_id),
+            restarts=_int(data["restarts"]),
+            failed=None if failed is None else str(failed),
+        )
+
+
 # ----------------------------------------------------------------------------- file helpers
 
 
@@ -186,6 +257,7 @@ class ModelStore:
         self.root = Path(data_dir) / "models"
         self.bundles_dir = self.root / "bundles"
         self.pointers_dir = self.root / "pointers"
+        self.probation_dir = self.root / "probation"
         self.tmp_dir = self.root / "tmp"
         self._now = now
         self._max_bundle_bytes = max_bundle_bytes
@@ -194,7 +266,7 @@ class ModelStore:
         """Filled by :meth:`load_active`: model name -> why a bundle was not loaded."""
         try:
             created = not self.root.exists()
-            for folder in (self.bundles_dir, self.pointers_dir, self.tmp_dir):
+            for folder in (self.bundles_dir, self.pointers_dir, self.probation_dir, self.tmp_dir):
                 folder.mkdir(parents=True, exist_ok=True)
             if created:
                 _fsync_dir(self.root)
@@ -292,7 +364,6 @@ class ModelStore:
             raise CorruptPointerError(f"the pointer of {model_name} is not valid: {e}") from e
 
     def _write_pointer(self, model_name: str, pointer: _Pointer) -> None:
-        path = self._pointer_path(model_name)
         body = {
             "schema": POINTER_SCHEMA,
             "schema_version": POINTER_SCHEMA_VERSION,
@@ -300,19 +371,23 @@ class ModelStore:
             "current": pointer.current.to_dict(),
             "previous": pointer.previous.to_dict() if pointer.previous else None,
         }
+        self._write_json(self._pointer_path(model_name), body, f"the pointer of {model_name}")
+
+    def _write_json(self, path: Path, body: dict[str, Any], what: str) -> None:
+        """Replace ``path`` atomically: draft in tmp/, fsync, rename, fsync the folder."""
         data = json.dumps(body, indent=1, sort_keys=True).encode()
-        draft = self.temp_path(prefix=f"pointer-{model_name}-")
+        draft = self.temp_path(prefix=f"{path.parent.name}-{path.stem}-")
         try:
             with draft.open("wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(draft, path)
-            _fsync_dir(self.pointers_dir)
+            _fsync_dir(path.parent)
         except OSError as e:
             with contextlib.suppress(OSError):
                 draft.unlink()
-            raise StoreError(f"cannot write the pointer of {model_name}: {e}") from e
+            raise StoreError(f"cannot write {what}: {e}") from e
 
     def current(self, model_name: str) -> BundleRef | None:
         pointer = self._read_pointer(model_name)
@@ -369,6 +444,97 @@ class ModelStore:
             except OSError as e:
                 raise StoreError(f"cannot remove the pointer of {model_name}: {e}") from e
 
+    # -- probation markers
+
+    def _probation_path(self, model_name: str) -> Path:
+        if not _MODEL_NAME.fullmatch(model_name):
+            raise StoreError(f"{model_name!r} is not a valid model name")
+        return self.probation_dir / f"{model_name}.json"
+
+    def probation(self, model_name: str) -> ProbationMarker | None:
+        """The model's probation marker; an unreadable one is removed and None returned.
+
+        Markers are written atomically, so an unreadable one means a damaged disk: the
+        safe reading is "no update in progress" (the pointer alone says what runs).
+        """
+        path = self._probation_path(model_name)
+        try:
+            marker = ProbationMarker.from_dict(json.loads(path.read_bytes()))
+            if marker.model_name != model_name:
+                raise ValueError(f"it names the model {marker.model_name!r}")
+            return marker
+        except FileNotFoundError:
+            return None
+        except (OSError, AttributeError, KeyError, TypeError, ValueError) as e:
+            log.warning("the probation marker of %s is unreadable; removed: %s", model_name, e)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return None
+
+    def probations(self) -> list[ProbationMarker]:
+        """Every probation marker, by model name."""
+        names = sorted(
+            p.stem for p in self.probation_dir.glob("*.json") if _MODEL_NAME.fullmatch(p.stem)
+        )
+        return [m for m in (self.probation(name) for name in names) if m is not None]
+
+    def _write_probation(self, marker: ProbationMarker) -> ProbationMarker:
+        self._write_json(
+            self._probation_path(marker.model_name),
+            marker.to_dict(),
+            f"the probation marker of {marker.model_name}",
+        )
+        return marker
+
+    def begin_probation(
+        self,
+        model_name: str,
+        ref: BundleRef,
+        *,
+        manifest_version: int,
+        rollout_id: str | None = None,
+    ) -> ProbationMarker:
+        """Mark ``ref`` as being installed, before it is loaded and before its pointer moves.
+
+        The same artifact again (an install retried after a restart) keeps its count
+        of restarts; anything else starts at zero.
+        """
+        with self._lock:
+            old = self.probation(model_name)
+            restarts = 0
+            if old is not None and old.failed is None and ref.same_bundle(old.ref):
+                restarts = old.restarts
+            return self._write_probation(
+                ProbationMarker(model_name, ref, manifest_version, rollout_id, restarts)
+            )
+
+    def count_restart(self, model_name: str) -> ProbationMarker:
+        """One more agent start met this model's (open) probation; the updated marker."""
+        with self._lock:
+            marker = self.probation(model_name)
+            if marker is None:
+                raise StoreError(f"{model_name} has no probation marker")
+            return self._write_probation(replace(marker, restarts=marker.restarts + 1))
+
+    def fail_probation(self, model_name: str, reason: str) -> ProbationMarker:
+        """Record that the update was given up (and why); written before it is rolled back."""
+        with self._lock:
+            marker = self.probation(model_name)
+            if marker is None:
+                raise StoreError(f"{model_name} has no probation marker")
+            return self._write_probation(replace(marker, failed=reason or "failed"))
+
+    def end_probation(self, model_name: str) -> None:
+        """Remove the model's marker: the update passed, or the record is no longer needed."""
+        path = self._probation_path(model_name)
+        with self._lock:
+            try:
+                if path.exists():
+                    path.unlink()
+                    _fsync_dir(self.probation_dir)
+            except OSError as e:
+                raise StoreError(f"cannot remove the probation marker of {model_name}: {e}") from e
+
     # -- start-up
 
     def _verify(
@@ -403,9 +569,18 @@ class ModelStore:
             )
         return bundle
 
-    def clean_tmp(self) -> None:
-        """Remove leftovers of downloads and pointer drafts a kill interrupted."""
+    def clean_tmp(self, keep: Iterable[str] | None = None) -> None:
+        """Remove what a kill left in ``tmp/``: drafts, temp files, unknown entries.
+
+        Downloads (``<sha256>``, ``<sha256>.part``, ``<sha256>.part.json``) stay, so a
+        restarted agent resumes them: all of them when ``keep`` is None, else only
+        those of the sha256s in ``keep`` (what the accepted desired state still asks for).
+        """
+        wanted = None if keep is None else set(keep)
         for entry in self.tmp_dir.iterdir():
+            download = _DOWNLOAD_FILE.fullmatch(entry.name)
+            if download and entry.is_file() and (wanted is None or download.group(1) in wanted):
+                continue
             with contextlib.suppress(OSError):
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry)
@@ -420,7 +595,8 @@ class ModelStore:
     ) -> dict[str, Bundle]:
         """At start: every model's current bundle, re-verified; previous where current fails.
 
-        Empties ``tmp/`` first. Every problem met is recorded in :attr:`load_problems`.
+        Cleans ``tmp/`` first (:meth:`clean_tmp`: resumable downloads stay). Every problem
+        met is recorded in :attr:`load_problems`.
         """
         keys = dict(trusted_keys) if isinstance(trusted_keys, Mapping) else list(trusted_keys)
         self.clean_tmp()

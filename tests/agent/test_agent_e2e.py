@@ -118,6 +118,8 @@ def agent_config(tmp_path: Path, fleet: Fleet, broker: Any | None) -> AgentConfi
         "window_seconds": 1,
         "trust": {"root_keys": [fleet.root.public.to_base64()]},
         "http": {"port": 0},
+        # No traffic here: the health check passes on its self-test replay after 1 s.
+        "limits": {"health_check_max_seconds": 1},
     }
     if broker is not None:
         data["broker"] = {"url": broker.url}
