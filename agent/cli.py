@@ -188,7 +188,9 @@ def predict(
         err.print("[red]error:[/] no model has been installed on this device yet")
         raise typer.Exit(1)
     bundles = ModelStore(cfg.data_dir).load_active(
-        trusted_keys=trust.keyring.verify_keys(), threshold=trust.keyring.threshold
+        trusted_keys=trust.keyring.verify_keys(),
+        threshold=trust.keyring.threshold,
+        read_only=True,  # the agent may be running beside us, mid-update
     )
     if not bundles:
         err.print("[red]error:[/] no verified model is active on this device")

@@ -592,14 +592,19 @@ class ModelStore:
         *,
         trusted_keys: Mapping[str, VerifyKey] | Iterable[VerifyKey],
         threshold: int = 1,
+        read_only: bool = False,
     ) -> dict[str, Bundle]:
         """At start: every model's current bundle, re-verified; previous where current fails.
 
-        Cleans ``tmp/`` first (:meth:`clean_tmp`: resumable downloads stay). Every problem
-        met is recorded in :attr:`load_problems`.
+        Cleans ``tmp/`` first (:meth:`clean_tmp`: resumable downloads stay) and records a
+        fallback to the previous version in the pointer. ``read_only`` does neither: for
+        a reader beside a running agent (``edgefleet-agent predict``), which must not
+        touch files the agent may be writing. Every problem met is recorded in
+        :attr:`load_problems`.
         """
         keys = dict(trusted_keys) if isinstance(trusted_keys, Mapping) else list(trusted_keys)
-        self.clean_tmp()
+        if not read_only:
+            self.clean_tmp()
         self.load_problems = {}
         loaded: dict[str, Bundle] = {}
         for model_name in self.models():
@@ -628,6 +633,9 @@ class ModelStore:
                 # Persist the fallback, so the pointer says what runs; the damaged bundle
                 # is no longer referenced and goes at the next garbage collection.
                 problems.append(f"fell back to previous v{pointer.previous.model_version}")
+                if read_only:
+                    loaded[model_name] = bundle
+                    continue
                 try:
                     self._write_pointer(
                         model_name, _Pointer(current=pointer.previous, previous=None)

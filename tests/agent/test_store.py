@@ -264,6 +264,21 @@ def test_load_active_reverifies_and_falls_back_to_previous(store: ModelStore) ->
     assert verify_all(store) == {"digits": 1} and store.load_problems == {}
 
 
+def test_a_read_only_load_falls_back_in_memory_and_touches_nothing(store: ModelStore) -> None:
+    v1, v2 = put(store, bundle_bytes(1), 1), put(store, bundle_bytes(2), 2)
+    store.activate("digits", v1)
+    store.activate("digits", v2)
+    draft = store.tmp_dir / "pointer-draft"
+    draft.write_bytes(b"an agent beside us is writing this")
+    flip_model_byte(store.bundle_path(v2.sha256))
+    loaded = store.load_active(trusted_keys=[KEY.public], read_only=True)
+    assert loaded["digits"].manifest.model_version == 1
+    assert store.load_problems["digits"][-1] == "fell back to previous v1"
+    current = store.current("digits")
+    assert current is not None and current.sha256 == v2.sha256  # the pointer is untouched
+    assert draft.exists()  # and so is tmp/
+
+
 def test_load_active_gives_none_with_reasons_when_nothing_verifies(store: ModelStore) -> None:
     v1, v2 = put(store, bundle_bytes(1), 1), put(store, bundle_bytes(2), 2)
     store.activate("digits", v1)
