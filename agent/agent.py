@@ -518,7 +518,14 @@ class Agent:
                     previous_version=None if previous is None else previous.model_version,
                 )
             )
-        runtime_name, runtime_version = next(iter(self.runtimes.items()), ("none", "0"))
+        # The runtime serving a model is the one that matters to the server; before any
+        # model runs, the best this device has (litert first).
+        serving = next(iter(self.models.values()), None)
+        runtime_name, runtime_version = (
+            (serving.runtime, serving.runtime_version)
+            if serving is not None
+            else next(iter(self.runtimes.items()), ("none", "0"))
+        )
         state = DeviceState(
             device_id=self.config.device_id,
             agent_version=__version__,
