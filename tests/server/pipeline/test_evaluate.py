@@ -108,3 +108,46 @@ def test_runners_refuse_what_they_cannot_load() -> None:
         LiteRTRunner(b"not a flatbuffer at all, just some bytes")
     with pytest.raises(EvaluationError, match="onnxruntime cannot load"):
         OnnxRunner(b"not a protobuf")
+
+
+@pytest.mark.parametrize("kind", ["tflite", "onnx"])
+def test_runners_run_the_devices_code(
+    kind: str, tflite_models: dict[str, bytes], onnx_models: dict[str, bytes], digits: Prepared
+) -> None:
+    from agent.runtime import open_model
+
+    model = tflite_models["int8"] if kind == "tflite" else onnx_models["int8"]
+    runner = LiteRTRunner(model) if kind == "tflite" else OnnxRunner(model)
+    device = open_model(kind, model)
+    assert (runner.inputs, runner.outputs) == (device.inputs, device.outputs)
+    x = digits.model_input(digits.data.x_test[:9])
+    np.testing.assert_array_equal(runner.predict(x), device.predict(x))
+
+
+def test_the_devices_errors_become_evaluation_errors(tflite_models: dict[str, bytes]) -> None:
+    runner = LiteRTRunner(tflite_models["float32"])
+    with pytest.raises(EvaluationError, match="cannot run on input of shape"):
+        runner.predict(np.zeros((2, 64), np.float32))  # not the model's input shape
+    assert runner.predict(np.zeros((2, 8, 8, 1), np.float32)).shape == (2, 10)
+
+
+def test_a_model_built_for_one_batch_size_is_evaluated_in_pieces(digits: Prepared) -> None:
+    keras = pytest.importorskip("keras")
+    from server.pipeline.convert import convert_tflite
+
+    keras.utils.set_random_seed(0)
+    fixed = keras.Sequential(
+        [
+            keras.Input((8, 8, 1), batch_size=4),
+            keras.layers.Flatten(),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+    runner = LiteRTRunner(convert_tflite(fixed, quantization="float32", representative=None))
+    assert runner.inputs[0].shape[0] == 4
+    x = digits.model_input(digits.data.x_test[:7])  # a full piece and a padded one
+    out = runner.predict(x)
+    assert out.shape == (7, 10)
+    np.testing.assert_allclose(out, fixed.predict(x, verbose=0), atol=1e-5)
+    metrics = evaluate(runner, x_model_input=x, y=digits.data.y_test[:7], task="classification")
+    assert 0.0 <= metrics["accuracy"] <= 1.0
