@@ -456,6 +456,8 @@ class Agent:
                     self.frames.deliver(message.payload)
                 elif message.topic == desired_topic and message.payload:
                     self._offer_desired(bytes(message.payload))
+            # Bin the rows served since the last turn here, off the request path.
+            self.monitor.flush()
             if self.monitor.window_due():
                 self._close_window()
             if self._retry_at is not None and self._clock() >= self._retry_at:
