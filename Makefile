@@ -49,8 +49,10 @@ docs: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/drift.py
+	$(BIN)/python bench/drift_query.py
 	$(BIN)/python bench/quantize.py
-	$(BIN)/python bench/agent.py
+	$(BIN)/python bench/serving.py
+	$(BIN)/python bench/rollout.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -45,6 +45,7 @@ a model on probation has a marker on disk until its verdict is recorded.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import math
@@ -52,6 +53,7 @@ import platform
 import queue
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -728,6 +730,7 @@ class Agent:
                 deployment.artifact.url,
                 deployment.artifact,
                 dest,
+                opener=self._http_opener(),
                 limits=self.config.limits,
             )
         if self.transport is None:
@@ -736,6 +739,18 @@ class Agent:
             self.frames, self.config.device_id, download, self.config.limits
         )
         return downloader.download(deployment.artifact, dest)
+
+    def _http_opener(self) -> urllib.request.OpenerDirector:
+        """An opener that shows the server this device's identity (HTTP Basic: the device
+        id and the password enrollment gave it -- the same credentials as the broker's)."""
+        opener = urllib.request.build_opener()
+        broker = self.config.broker
+        password = None if broker is None else broker.resolved_password()
+        if password is not None:
+            username = (broker.username if broker is not None else None) or self.config.device_id
+            token = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+            opener.addheaders = [("Authorization", f"Basic {token}")]
+        return opener
 
     # ------------------------------------------------------------------ health check
 

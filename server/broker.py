@@ -11,9 +11,14 @@ the loop. It is a development default, not a production broker:
 - **No shared subscriptions.** amqtt grants a ``$share/<group>/<filter>`` subscription but
   treats it as a literal filter that matches no topic, so it receives nothing. With one
   embedded broker there is one ingestion consumer; scale-out needs Mosquitto or EMQX.
-- **Anonymous for now.** Every client is let in and may use every topic; per-device
-  credentials and the ``ef/v1/dev/{id}/#`` ACL come with the security work. It listens on
-  loopback unless told otherwise.
+- **Open, unless given the fleet's access.** Without ``access`` every client is let in
+  and may use every topic (the demo and most tests). With a
+  :class:`~server.brokerconf.access.FleetAccess` it enforces what the Mosquitto
+  configuration does (:mod:`server.brokerconf`): only accepted devices with their live
+  password and the server's service identity log in, anonymous clients are refused, and
+  every publish, subscription, delivery and Last Will is checked against
+  :mod:`server.brokerconf.rules` -- a device only ever touches ``ef/v1/dev/<its id>/``,
+  in the directions the contract gives it. It listens on loopback unless told otherwise.
 - **Never 1883 by default.** Port 0 (the default) picks a free port, so it cannot collide
   with a local Mosquitto; ``url`` says where it ended up.
 - **In memory.** Retained messages and persistent sessions live until ``stop()``; a
@@ -33,6 +38,30 @@ subclass below corrects it (each fix is pinned by ``tests/server/test_embedded_b
    Retained messages now go only to the session's own subscriptions.
 3. Messages queued for an offline session were delivered with the RETAIN flag set; they
    now arrive with RETAIN 0 [MQTT-3.3.1-9], like any message from an existing subscription.
+4. amqtt looks a client's session up by client id -- deleting it for a clean session, or
+   copying the newcomer's username, password and Last Will into it -- *before* it
+   authenticates the client, and a refused client still took the session over. With
+   ``access`` the broker authenticates from the CONNECT packet first; a refused client is
+   answered "not authorized" and touches no session.
+
+What amqtt 0.12 cannot enforce, even with ``access`` (tests/security/test_broker_acl.py
+pins what it does enforce):
+
+- **Client certificates as identity.** amqtt's TLS listener requests a client
+  certificate but never requires one nor takes the username from it (there is no
+  ``require_certificate`` / ``use_identity_as_username``). Certificate devices need
+  Mosquitto; the embedded broker is plain TCP on loopback.
+- **Rewriting a device's client id to its username.** Mosquitto's device listener does
+  that (``use_username_as_clientid``); here a device that sends another client id than
+  its own id is refused instead, which keeps one device from taking over another's
+  session just the same.
+- **Disconnecting a device when it is revoked.** Nothing tells amqtt to drop a live
+  connection: a device revoked while connected keeps its TCP connection, but within
+  :data:`~server.brokerconf.access.DEFAULT_RECHECK_SECONDS` of the revocation every
+  publish it sends is dropped and nothing more is delivered to it; it cannot log in
+  again. (Mosquitto disconnects it when the server makes it reload.)
+- **Shared subscriptions** (above): the service identity may subscribe to
+  ``$share/...`` filters, and receives nothing through them.
 
 This module must stay importable without TensorFlow: ``edgefleet server`` imports it first.
 """
@@ -48,13 +77,24 @@ import threading
 import time
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from amqtt.broker import Broker
-from amqtt.plugins.base import BaseAuthPlugin
+from amqtt.contexts import Action
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
+from amqtt.utils import gen_client_id
 
+from server.brokerconf.rules import may_publish, may_receive, may_subscribe
 from server.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from amqtt.adapters import ReaderAdapter, WriterAdapter
+
+    from server.brokerconf.access import FleetAccess, Identity
 
 __all__ = [
     "MAX_QUEUED_MESSAGES",
@@ -73,6 +113,8 @@ SESSION_EXPIRY_SECONDS = 7 * 24 * 3600
 
 _PORT_PICK_ATTEMPTS = 3  # a port picked as free can be taken before amqtt binds it
 _AMQTT_HOOKS = (
+    "_initialize_client_session",
+    "_authenticate",
     "_publish_retained_messages_for_subscription",
     "_publish_session_retained_messages",
     "_retain_broadcast_message",
@@ -89,7 +131,8 @@ class EmbeddedBroker:
 
     ``EmbeddedBroker(port=0)`` listens on a free loopback port once :meth:`start` returns;
     :attr:`url` (``mqtt://127.0.0.1:<port>``) is what clients connect to. Use it as a
-    context manager or call :meth:`stop`; stopping twice is harmless.
+    context manager or call :meth:`stop`; stopping twice is harmless. With ``access`` it
+    admits and confines clients as the module docstring says.
     """
 
     def __init__(
@@ -98,6 +141,7 @@ class EmbeddedBroker:
         port: int = 0,
         *,
         max_queued_messages: int = MAX_QUEUED_MESSAGES,
+        access: FleetAccess | None = None,
     ) -> None:
         if not 0 <= port <= 65535:
             raise BrokerError(f"invalid port {port} for the embedded MQTT broker: use 0-65535")
@@ -107,6 +151,7 @@ class EmbeddedBroker:
         self._requested_port = port
         self._port = port
         self._max_queued_messages = max_queued_messages
+        self._access = access
         self._lock = threading.Lock()
         self._running: _Running | None = None
 
@@ -229,7 +274,11 @@ class EmbeddedBroker:
         if startup.abandoned.is_set():
             return
         try:
-            broker = _FleetBroker(self._config(port), max_queued_messages=self._max_queued_messages)
+            broker = _FleetBroker(
+                self._config(port),
+                max_queued_messages=self._max_queued_messages,
+                authenticates_first=self._access is not None,
+            )
             await broker.start()
         except Exception as e:
             startup.error = e
@@ -245,13 +294,24 @@ class EmbeddedBroker:
         host = f"[{self._host}]" if ":" in self._host else self._host
         return {
             "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
-            # Only our plugin: amqtt's defaults add packet/event loggers and $SYS publishing.
-            "plugins": {f"{__name__}.{_OpenAccess.__name__}": {}},
+            # Only our plugins: amqtt's defaults add packet/event loggers and $SYS publishing.
+            "plugins": self._plugins(),
             "session_expiry_interval": SESSION_EXPIRY_SECONDS,
+        }
+
+    def _plugins(self) -> dict[str, dict[str, Any]]:
+        if self._access is None:
+            return {f"{__name__}.{_OpenAccess.__name__}": {}}
+        return {
+            f"{__name__}.{_FleetAuth.__name__}": {"access": self._access},
+            f"{__name__}.{_FleetTopics.__name__}": {"access": self._access},
         }
 
 
 # ----------------------------------------------------------------------------- amqtt parts
+
+_IDENTITY = "edgefleet.identity"  # Session.attributes key: the Identity a client logged in as
+_VERIFIED = "edgefleet.verified"  # set by the authentication that ran before the session lookup
 
 
 class _OpenAccess(BaseAuthPlugin):
@@ -265,12 +325,129 @@ class _OpenAccess(BaseAuthPlugin):
         return True
 
 
+class _FleetAuth(BaseAuthPlugin):
+    """Admit the service identity and accepted devices (:class:`FleetAccess`); refuse the rest.
+
+    A Last Will on a topic the identity may not publish to is refused with the login
+    (Mosquitto instead drops such a Will when it would be sent).
+    """
+
+    @dataclass
+    class Config:
+        access: Any = None
+
+    async def authenticate(self, *, session: Session) -> bool:
+        access: FleetAccess = self.config.access
+        identity = await asyncio.to_thread(
+            access.login, session.username, session.password, session.client_id
+        )
+        if identity is None:
+            return False
+        if session.will_flag and not may_publish(identity.rules, session.will_topic or ""):
+            return False
+        session.attributes[_IDENTITY] = identity
+        return True
+
+
+class _FleetTopics(BaseTopicPlugin):
+    """Every publish, subscription and delivery against the identity's rules, while its
+    device is still accepted."""
+
+    @dataclass
+    class Config:
+        access: Any = None
+
+    async def topic_filtering(
+        self, *, session: Session | None = None, topic: str | None = None, action: Any = None
+    ) -> bool:
+        identity: Identity | None = None if session is None else session.attributes.get(_IDENTITY)
+        if identity is None or topic is None:
+            return False
+        access: FleetAccess = self.config.access
+        allowed = access.cached_verdict(identity)
+        if allowed is None:
+            allowed = await asyncio.to_thread(access.still_allowed, identity)
+        if not allowed:
+            return False
+        if action == Action.PUBLISH:
+            return may_publish(identity.rules, topic)
+        if action == Action.SUBSCRIBE:
+            return may_subscribe(identity.rules, topic)
+        if action == Action.RECEIVE:
+            return may_receive(identity.rules, topic)
+        return False
+
+
 class _FleetBroker(Broker):
     """amqtt's broker with the fixes the module docstring lists."""
 
-    def __init__(self, config: dict[str, Any], *, max_queued_messages: int) -> None:
+    def __init__(
+        self, config: dict[str, Any], *, max_queued_messages: int, authenticates_first: bool
+    ) -> None:
         super().__init__(config)
         self._max_queued_messages = max_queued_messages
+        self._authenticates_first = authenticates_first
+
+    async def _initialize_client_session(
+        self, reader: ReaderAdapter, writer: WriterAdapter, remote_address: str, remote_port: int
+    ) -> tuple[BrokerProtocolHandler, Session]:
+        # Fix 4: authenticate before any session is looked up, deleted or taken over. The
+        # rest follows amqtt 0.12's own method.
+        if not self._authenticates_first:
+            return await super()._initialize_client_session(
+                reader, writer, remote_address, remote_port
+            )
+        try:
+            handler, incoming = await BrokerProtocolHandler.init_from_connect(
+                reader, writer, self.plugins_manager
+            )
+        except MQTTError:
+            await writer.close()
+            raise
+        except NoDataError as e:
+            raise AMQTTError(e) from e
+        if not await super()._authenticate(incoming, None):
+            refusal = ConnackPacket.build(0, NOT_AUTHORIZED)
+            await refusal.to_stream(writer)
+            await writer.close()
+            raise MQTTError(
+                f"refused {incoming.client_id!r} (username {incoming.username!r}) from "
+                f"{remote_address}:{remote_port}: not authorized"
+            )
+        incoming.attributes[_VERIFIED] = True
+        session = incoming
+        if incoming.clean_session:
+            if incoming.client_id:
+                await self._delete_session(incoming.client_id)
+            else:
+                incoming.client_id = gen_client_id()
+            incoming.parent = 0
+        elif incoming.client_id in self._sessions:
+            session, _ = self._sessions[incoming.client_id]
+            for name in (
+                "will_flag",
+                "will_message",
+                "will_topic",
+                "will_qos",
+                "will_retain",
+                "keep_alive",
+                "username",
+                "password",
+            ):
+                setattr(session, name, getattr(incoming, name))
+            session.attributes.update(incoming.attributes)
+            session.parent = 1
+        else:
+            incoming.parent = 0
+        delay = self.config.get("timeout-disconnect-delay", 0)
+        if session.keep_alive > 0 and isinstance(delay, int):
+            session.keep_alive += delay
+        return handler, session
+
+    async def _authenticate(self, session: Session, listener: Any) -> bool:
+        if session.attributes.pop(_VERIFIED, False):  # fix 4 already authenticated it
+            return True
+        return await super()._authenticate(session, listener)
 
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Session

@@ -15,10 +15,13 @@ import typer
 from rich.console import Console
 
 from server import __version__
+from server.commands import broker as broker_commands
 from server.commands import datasets as datasets_commands
 from server.commands import devices as devices_commands
+from server.commands import drift as drift_commands
 from server.commands import groups as groups_commands
 from server.commands import models as models_commands
+from server.commands import rollouts as rollouts_commands
 from server.commands import simulate as simulate_commands
 from server.commands import tokens as tokens_commands
 from server.commands import train as train_commands
@@ -40,10 +43,17 @@ app.add_typer(train_commands.app, name="runs")
 app.add_typer(models_commands.app, name="models")
 app.add_typer(devices_commands.app, name="devices")
 app.add_typer(groups_commands.app, name="groups")
+app.add_typer(rollouts_commands.app, name="rollouts")
+devices_commands.app.command("pin")(rollouts_commands.pin)
+devices_commands.app.command("unpin")(rollouts_commands.unpin)
 app.add_typer(tokens_commands.app, name="tokens")
 app.command(
     "simulate", help="Enroll simulated devices and run them against the server and broker."
 )(simulate_commands.simulate)
+app.command("broker-config")(broker_commands.broker_config)
+app.command("drift", help="A model's fleet drift and SLA view (features, devices, latency).")(
+    drift_commands.drift
+)
 
 err = Console(stderr=True)
 
@@ -112,7 +122,20 @@ def server(
     embedded = None
     try:
         if settings.broker_url == "embedded":
-            embedded = EmbeddedBroker(port=settings.embedded_broker_port)
+            from server.brokerconf.access import FleetAccess
+            from server.db import create_db_engine, migrate
+
+            # The embedded broker enforces the fleet's identities and topic rules, as a
+            # Mosquitto configured by `edgefleet broker-config` does.
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            engine = create_db_engine(settings.resolved_database_url)
+            migrate(engine)
+            access = FleetAccess(
+                engine,
+                service_username=settings.broker_username,
+                service_password=settings.broker_password.get_secret_value(),
+            )
+            embedded = EmbeddedBroker(port=settings.embedded_broker_port, access=access)
             embedded.start()
             settings = settings.model_copy(update={"broker_url": embedded.url})
             err.print(f"embedded MQTT broker on {embedded.url}")

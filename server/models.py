@@ -232,5 +232,7 @@ class TargetArtifact(SQLModel, table=True):
     )
 
 
+import server.drift.models  # noqa: E402  (drift rollups, layouts, retention marks)
 import server.fleet.models  # noqa: E402  (the fleet's tables, on the same metadata)
-import server.ingest.models  # noqa: E402, F401  (ingested telemetry, on the same metadata)
+import server.ingest.models  # noqa: E402  (ingested telemetry, on the same metadata)
+import server.rollouts.models  # noqa: E402, F401  (rollouts, manifests, pins, events)

@@ -3,7 +3,8 @@
 Build them with :func:`get_settings` (cached) or construct :class:`Settings`
 directly in tests; the FastAPI app takes them through a dependency so tests can
 override them. Outside ``mode=dev`` the settings refuse the built-in development
-secret: a production server must be given its own.
+secrets -- the secret key, and the broker password wherever the server uses it: a
+production server must be given its own.
 """
 
 from __future__ import annotations
@@ -11,13 +12,16 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["DEV_SECRET", "Settings", "get_settings"]
+__all__ = ["DEV_BROKER_PASSWORD", "DEV_SECRET", "Settings", "get_settings"]
 
 DEV_SECRET = "edgefleet-dev-secret-do-not-use-in-production"  # noqa: S105 - refused outside dev
+DEV_BROKER_PASSWORD = "edgefleet-dev-broker-password"  # noqa: S105 - refused outside dev
+_MIN_BROKER_PASSWORD = 16
 
 
 class Settings(BaseSettings):
@@ -43,6 +47,11 @@ class Settings(BaseSettings):
     log_format: Literal["console", "json"] = "console"
     max_artifact_bytes: int = Field(512 * 1024 * 1024, gt=0)
     keyring_lifetime_days: int = Field(90, gt=0)
+    drift_retention_days: dict[Literal["raw", "hour", "day"], int] = Field(
+        default_factory=dict,
+        description="days kept per tier: raw telemetry (default 7), hourly drift rollups (30), "
+        'daily drift rollups (400); e.g. {"raw": 3}',
+    )
     run_jobs: bool = Field(
         True, description="run queued training jobs in this process (off for API-only replicas)"
     )
@@ -59,6 +68,70 @@ class Settings(BaseSettings):
     profiles_dir: Path | None = Field(
         None, description="folder of <profile>/profile.toml; default: the shipped firmware_images"
     )
+    manifest_lifetime_days: float = Field(
+        7.0, gt=0, le=365, description="how long a signed desired state stays valid"
+    )
+    manifest_refresh_margin_days: float = Field(
+        2.0, gt=0, description="re-sign a desired state once it expires within this margin"
+    )
+    rollout_engine: bool = Field(
+        True,
+        description="run the rollout engine here (when broker_url names a broker); "
+        "off for API-only replicas",
+    )
+    rollout_tick_seconds: float = Field(
+        1.0, gt=0, le=60, description="how often the engine steps every active rollout"
+    )
+    rollout_maintenance_seconds: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="how often the engine re-sends unacknowledged and re-signs expiring "
+        "desired states",
+    )
+    rollout_baseline_hours: float = Field(
+        24.0, gt=0, description="telemetry before a rollout's start its quality gates compare with"
+    )
+    publish_timeout_seconds: float = Field(
+        10.0, gt=0, le=300, description="wait for the broker's PUBACK of a desired state"
+    )
+    block_server: bool = Field(
+        True, description="serve artifact blocks over MQTT (when broker_url names a broker)"
+    )
+    block_share_group: str | None = Field(
+        None, description="shared-subscription group for artifact requests, with several servers"
+    )
+    telemetry_ingestor: bool = Field(
+        True, description="store device telemetry (when broker_url names a broker)"
+    )
+    ingest_client_id: str = Field(
+        "edgefleet-ingest@server",
+        min_length=1,
+        max_length=64,
+        description="MQTT client id of the telemetry ingestor (a persistent session); the "
+        "'@', which no device id may contain, keeps a device from taking over its session",
+    )
+    ingest_share_group: str | None = Field(
+        None, description="shared-subscription group, when several processes ingest"
+    )
+    broker_username: str = Field(
+        "server@edgefleet",
+        pattern=r"^[A-Za-z0-9._@+-]{1,128}$",
+        description="the server's own broker identity (its MQTT clients log in with it); "
+        "the default holds an '@', which no device id can, so no device can take it",
+    )
+    broker_password: SecretStr = Field(
+        SecretStr(DEV_BROKER_PASSWORD),
+        description="password of broker_username; refused outside dev when it is used",
+    )
+    broker_config_dir: Path | None = Field(
+        None,
+        description="folder of the Mosquitto configuration 'edgefleet broker-config' wrote; "
+        "the server keeps its password and ACL files in step with the fleet",
+    )
+    broker_pid_file: Path | None = Field(
+        None, description="Mosquitto's pid file: the server sends SIGHUP after each change"
+    )
 
     @model_validator(mode="after")
     def _no_dev_secrets_in_production(self) -> Settings:
@@ -69,6 +142,33 @@ class Settings(BaseSettings):
             )
         if self.mode != "dev" and len(self.secret_key.get_secret_value()) < 32:
             raise ValueError("EDGEFLEET_SECRET_KEY must be at least 32 characters in prod mode")
+        if self.manifest_refresh_margin_days >= self.manifest_lifetime_days:
+            raise ValueError(
+                "EDGEFLEET_MANIFEST_REFRESH_MARGIN_DAYS must be shorter than "
+                "EDGEFLEET_MANIFEST_LIFETIME_DAYS"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _no_dev_broker_password_in_production(self) -> Settings:
+        # Refused where the server would present it to a broker or write it into one's
+        # configuration; a server on the embedded broker (dev) never needs it.
+        url_has_password = urlsplit(self.broker_url).password is not None
+        used = self.broker_config_dir is not None or (
+            self.broker_url != "embedded" and not url_has_password
+        )
+        password = self.broker_password.get_secret_value()
+        if self.mode != "dev" and used:
+            if password == DEV_BROKER_PASSWORD:
+                raise ValueError(
+                    "EDGEFLEET_BROKER_PASSWORD is the built-in development password; "
+                    "set one of your own, or EDGEFLEET_MODE=dev for development"
+                )
+            if len(password) < _MIN_BROKER_PASSWORD:
+                raise ValueError(
+                    f"EDGEFLEET_BROKER_PASSWORD must be at least {_MIN_BROKER_PASSWORD} "
+                    "characters in prod mode"
+                )
         return self
 
     @property
@@ -84,6 +184,19 @@ class Settings(BaseSettings):
     @property
     def artifacts_dir(self) -> Path:
         return self.data_dir / "artifacts"
+
+    @property
+    def service_broker_url(self) -> str:
+        """``broker_url`` as the server's own MQTT clients use it: with the service identity
+        (``broker_username`` / ``broker_password``) unless the URL names a user itself."""
+        parsed = urlsplit(self.broker_url)
+        if self.broker_url == "embedded" or parsed.username is not None or not parsed.hostname:
+            return self.broker_url
+        userinfo = (
+            f"{quote(self.broker_username, safe='')}:"
+            f"{quote(self.broker_password.get_secret_value(), safe='')}"
+        )
+        return urlunsplit(parsed._replace(netloc=f"{userinfo}@{parsed.netloc}"))
 
 
 @lru_cache(maxsize=1)

@@ -29,6 +29,13 @@ def test_drift_bench_quick() -> None:
     assert "counts + moments, one row of 64" in out
 
 
+def test_drift_query_bench_quick_answers_exactly_and_prints_its_figures() -> None:
+    """The bench checks its answer against the numpy sum itself; times are printed only."""
+    out = run("drift_query.py")
+    for figure in ("one day (24 windows), whole fleet", "rolling 24 h", "half the devices"):
+        assert figure in out, out
+
+
 @pytest.mark.slow
 def test_quantize_bench_quick_meets_the_size_and_accuracy_goals() -> None:
     out = run("quantize.py")
@@ -39,8 +46,20 @@ def test_quantize_bench_quick_meets_the_size_and_accuracy_goals() -> None:
 
 
 @pytest.mark.slow
-def test_agent_bench_quick_measures_every_figure() -> None:
+def test_serving_bench_quick_measures_every_figure() -> None:
     """Its goals are issue 4's open work: the bench must run and report them, pass or short."""
-    out = run("agent.py")
+    out = run("serving.py")
     for figure in ("bare invoke() p50", "RSS after loading", "cold start"):
+        assert figure in out, out
+
+
+@pytest.mark.slow
+@pytest.mark.broker
+def test_rollout_bench_quick_delivers_every_byte_once() -> None:
+    """A small simulated fleet takes a rollout from a real server process; the ratio of
+    bytes delivered to artifact x devices must be exactly 1 (nothing fetched twice)."""
+    out = run("rollout.py")
+    (delivered,) = [line for line in out.splitlines() if line.startswith("bytes delivered")]
+    assert delivered.rstrip().endswith("pass"), out
+    for figure in ("rollout start → all activated", "server CPU per device"):
         assert figure in out, out

@@ -129,7 +129,8 @@ class BlockServer:
     """Serve artifact blocks over MQTT from an :class:`ArtifactStore`.
 
     ``client_factory`` returns a configured, unconnected paho client (credentials,
-    TLS); by default an MQTT 3.1.1 client with a clean session is made. The server
+    TLS); by default an MQTT 3.1.1 client with a clean session is made. ``username`` /
+    ``password``, when given, are the broker login (over any the factory set). The server
     connects it to ``host``:``port``, re-subscribes on every (re)connection and lets
     paho reconnect on its own. With ``share_group`` set it subscribes to
     ``$share/{group}/ef/v1/dev/+/artifact/req``, so several server processes split
@@ -144,6 +145,8 @@ class BlockServer:
         host: str = "127.0.0.1",
         port: int = 1883,
         client_factory: ClientFactory | None = None,
+        username: str | None = None,
+        password: str | None = None,
         max_concurrent_transfers: int = 32,
         max_requests_per_device: int = 2,
         workers: int = 4,
@@ -164,6 +167,7 @@ class BlockServer:
         self.publish_timeout = publish_timeout
         self._authorize = authorize
         self._client_factory = client_factory or _default_client
+        self._login = None if username is None else (username, password)
         self._reconnect_delay = reconnect_delay
         self._worker_count = min(workers, max_concurrent_transfers)
         # The semaphore bounds accepted-but-unanswered requests (queued or being served);
@@ -188,6 +192,8 @@ class BlockServer:
         if self._client is not None:
             raise RuntimeError("BlockServer already started")
         client = self._client_factory()
+        if self._login is not None:
+            client.username_pw_set(*self._login)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
@@ -436,7 +442,7 @@ def _no_delay(client: Any, userdata: Any, sock: Any) -> None:
 def _default_client() -> mqtt.Client:
     return mqtt.Client(
         CallbackAPIVersion.VERSION2,
-        client_id=f"ef-blocks-{uuid.uuid4().hex[:12]}",
+        client_id=f"edgefleet-blocks@{uuid.uuid4().hex[:12]}",
         protocol=mqtt.MQTTv311,
         clean_session=True,
     )

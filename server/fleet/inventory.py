@@ -47,7 +47,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -279,7 +279,8 @@ class InventoryConsumer:
     """Keep the ``devices`` table in step with what devices report over MQTT.
 
     ``client_factory`` returns a configured, unconnected paho client (credentials,
-    TLS); :meth:`from_url` builds one from a broker URL. ``clock`` stamps each
+    TLS); :meth:`from_url` builds one from a broker URL. ``username`` / ``password``,
+    when given, are the broker login (over any the factory set). ``clock`` stamps each
     message as it arrives. Register hooks with :meth:`add_hook` (before or after
     :meth:`start`); each gets every applied :class:`DeviceMessage`.
     """
@@ -291,6 +292,8 @@ class InventoryConsumer:
         host: str = "127.0.0.1",
         port: int = 1883,
         client_factory: ClientFactory | None = None,
+        username: str | None = None,
+        password: str | None = None,
         clock: Callable[[], datetime] = utcnow,
         batch_size: int = 256,
         max_queued: int = 10_000,
@@ -306,6 +309,7 @@ class InventoryConsumer:
         self.batch_size = batch_size
         self.topic_filters = [fleet_filter(channel) for channel in INVENTORY_CHANNELS]
         self._client_factory = client_factory or _default_client
+        self._login = None if username is None else (username, password)
         self._clock = clock
         self._reconnect_delay = reconnect_delay
         self._database_retries = database_retries
@@ -372,6 +376,8 @@ class InventoryConsumer:
             raise RuntimeError("InventoryConsumer already started")
         self._stopping.clear()
         client = self._client_factory()
+        if self._login is not None:
+            client.username_pw_set(*self._login)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
@@ -590,24 +596,32 @@ class InventoryConsumer:
 def _default_client() -> mqtt.Client:
     return mqtt.Client(
         CallbackAPIVersion.VERSION2,
-        client_id=f"ef-inventory-{uuid.uuid4().hex[:12]}",
+        client_id=f"edgefleet-inventory@{uuid.uuid4().hex[:12]}",
         protocol=mqtt.MQTTv311,
         clean_session=True,
     )
 
 
 def start_inventory_consumer(
-    engine: Engine, settings: Settings, *, timeout: float = 5.0
+    engine: Engine,
+    settings: Settings,
+    *,
+    timeout: float = 5.0,
+    clock: Callable[[], datetime] = utcnow,
+    hooks: Sequence[InventoryHook] = (),
 ) -> InventoryConsumer | None:
     """The server's consumer, started -- or ``None`` when no broker URL is configured
     (``broker_url="embedded"`` before a broker was started) or the consumer is off.
 
-    A broker that does not answer within ``timeout`` does not stop the server: paho
-    keeps trying in the background.
+    ``hooks`` are registered before the subscription, so they also see the retained
+    state replayed to it. A broker that does not answer within ``timeout`` does not
+    stop the server: paho keeps trying in the background.
     """
     if not settings.inventory_consumer or settings.broker_url == "embedded":
         return None
-    consumer = InventoryConsumer.from_url(engine, settings.broker_url)
+    consumer = InventoryConsumer.from_url(engine, settings.service_broker_url, clock=clock)
+    for hook in hooks:
+        consumer.add_hook(hook)
     if not consumer.start(timeout=timeout):
         log.warning(
             "inventory: not subscribed at %s within %g s; retrying in the background",

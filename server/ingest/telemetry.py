@@ -18,6 +18,11 @@ What always holds:
   dropped, counted per device and reason in ``ingest_drops``, logged, and
   acknowledged (redelivery would not make it valid). Nothing a device sends stops the
   writer.
+- The model windows of the reports a batch newly stored are added to the drift
+  rollups (:mod:`server.drift.rollups`) in the same transaction -- so exactly once,
+  too. A report older than the raw-retention mark is refused as ``expired``; a drift
+  sketch that does not fit its reference's layout is counted as ``drift_layout`` (the
+  rest of its report is kept).
 """
 
 from __future__ import annotations
@@ -35,11 +40,12 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
-from sqlalchemy import Engine, select, tuple_
+from sqlalchemy import Engine, delete, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session
 
 from server.db import utcnow
+from server.drift.rollups import WindowInput, add_windows, retention_marks
 from server.fleet.models import Device, DeviceStatus
 from server.ingest.models import IngestDrop, ModelWindowRecord, TelemetryRecord
 from shared.errors import ContractError, PayloadTooLargeError
@@ -93,38 +99,67 @@ def _insert(session: Session, table: Any, rows: list[dict[str, Any]], keys: list
 
 
 def store_reports(session: Session, reports: Iterable[TelemetryReport]) -> int:
-    """Insert reports not stored yet (in the caller's transaction); return how many were new."""
+    """Insert reports not stored yet (in the caller's transaction); return how many were new.
+
+    Which reports are new is what the insert itself reports (``RETURNING`` the rows it
+    wrote), so only those add to the drift rollups (:func:`server.drift.rollups.add_windows`)
+    -- exactly once, even with several ingestion workers. A report that ended before
+    the raw-retention mark is refused as ``expired`` (and its row taken out again): its
+    copy may have been counted and deleted already. The marks are read after the insert,
+    under a share lock, so a purge running meanwhile is either seen or waits.
+    """
     batch = {(r.device_id, r.seq): r for r in reports}  # a duplicate within the batch, too
     if not batch:
         return 0
     table = TelemetryRecord.__table__  # type: ignore[attr-defined]
-    existing = set(
-        session.execute(
-            select(table.c.device_id, table.c.seq).where(
-                tuple_(table.c.device_id, table.c.seq).in_(list(batch))
-            )
-        ).all()
-    )
-    new = [r for key, r in batch.items() if key not in existing]
     received = utcnow()
-    _insert(
-        session,
-        table,
-        [
-            {
-                "device_id": r.device_id,
-                "seq": r.seq,
-                "window_start": r.window_start,
-                "window_end": r.window_end,
-                "received_at": received,
-                "dropped_reports": r.dropped_reports,
-                "rss_bytes": r.resources.rss_bytes,
-                "cpu_seconds": r.resources.cpu_seconds,
-            }
-            for r in new
-        ],
-        ["device_id", "seq"],
+    dialect = session.get_bind().dialect.name
+    statement = (
+        (postgresql if dialect == "postgresql" else sqlite)
+        .insert(table)
+        .on_conflict_do_nothing(index_elements=["device_id", "seq"])
+        .returning(table.c.device_id, table.c.seq)
     )
+    rows = [
+        {
+            "device_id": r.device_id,
+            "seq": r.seq,
+            "window_start": r.window_start,
+            "window_end": r.window_end,
+            "received_at": received,
+            "dropped_reports": r.dropped_reports,
+            "rss_bytes": r.resources.rss_bytes,
+            "cpu_seconds": r.resources.cpu_seconds,
+        }
+        for r in batch.values()
+    ]
+    inserted = {(device_id, seq) for device_id, seq in session.execute(statement, rows)}
+    new = [r for key, r in batch.items() if key in inserted]
+    marks = retention_marks(session, lock=True)
+    raw_mark = marks.get("raw")
+    expired = [] if raw_mark is None else [r for r in new if r.window_end < raw_mark]
+    if expired:
+        session.execute(
+            delete(table).where(
+                tuple_(table.c.device_id, table.c.seq).in_([(r.device_id, r.seq) for r in expired])
+            )
+        )
+        assert raw_mark is not None
+        record_drops(
+            session,
+            [
+                IngestRejected(
+                    "expired",
+                    r.device_id,
+                    f"report {r.seq} ended at {r.window_end.isoformat()}, before the "
+                    f"retention mark {raw_mark.isoformat()}",
+                )
+                for r in expired
+            ],
+            at=received,
+        )
+        log.warning("expired telemetry refused", extra={"reports": len(expired)})
+        new = [r for r in new if r.window_end >= raw_mark]
     _insert(
         session,
         ModelWindowRecord.__table__,  # type: ignore[attr-defined]
@@ -147,6 +182,30 @@ def store_reports(session: Session, reports: Iterable[TelemetryReport]) -> int:
         ],
         ["device_id", "seq", "model_name"],
     )
+    rolled = add_windows(
+        session,
+        [
+            WindowInput(
+                device_id=r.device_id,
+                model_name=m.model_name,
+                model_version=m.model_version,
+                window_start=r.window_start,
+                inferences=m.inferences,
+                errors=m.errors,
+                latency=m.latency_ms.counts,
+                sketch=m.drift,
+            )
+            for r in new
+            for m in r.models
+        ],
+        marks=marks,
+    )
+    if rolled.refused_sketches:  # the report counts; its drift sketch did not fit
+        record_drops(
+            session,
+            [IngestRejected("drift_layout", d, why) for d, why in rolled.refused_sketches],
+            at=received,
+        )
     return len(new)
 
 

@@ -21,7 +21,7 @@ import functools
 import importlib.metadata
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -105,26 +105,58 @@ def _tables() -> tuple[dict[tuple[str, str], TfliteOpTable], dict[str, OnnxOpset
     return tflite, onnx
 
 
+def _key(minor: str) -> tuple[int, int]:
+    major, _, rest = minor.partition(".")
+    return int(major), int(rest)
+
+
+def _at_or_below(known: list[str], version: str) -> str | None:
+    """The newest known major.minor not above ``version``'s: runtimes only ever add op
+    versions and opsets, so a newer release runs at least what that table lists."""
+    wanted = _key(_minor(version))
+    candidates = [v for v in known if _key(v) <= wanted]
+    return max(candidates, key=_key) if candidates else None
+
+
 def tflite_op_table(runtime: str, version: str) -> TfliteOpTable:
-    """The table for ``litert`` or ``tflite-runtime`` at ``version`` (matched on major.minor)."""
+    """The table for ``litert`` or ``tflite-runtime`` at ``version`` (matched on major.minor).
+
+    A release newer than every table of its runtime is judged by the newest older
+    table (a lower bound of what it runs; the ``source`` says so).
+    """
     tables, _ = _tables()
-    table = tables.get((runtime, _minor(version)))
+    minor = _minor(version)
+    table = tables.get((runtime, minor))
     if table is None:
-        known = ", ".join(f"{r} {v}" for r, v in sorted(tables)) or "none"
-        raise UnknownRuntimeError(
-            f"no op-support table for {runtime} {version} (tables exist for: {known})"
+        below = _at_or_below([v for r, v in tables if r == runtime], version)
+        if below is None:
+            known = ", ".join(f"{r} {v}" for r, v in sorted(tables)) or "none"
+            raise UnknownRuntimeError(
+                f"no op-support table for {runtime} {version} (tables exist for: {known})"
+            )
+        older = tables[(runtime, below)]
+        table = replace(
+            older, version=minor, source=f"{older.source} (as a lower bound for {minor})"
         )
     return table
 
 
 def onnx_opset_table(version: str) -> OnnxOpsetTable:
-    """The opsets ``onnxruntime`` ``version`` implements (matched on major.minor)."""
+    """The opsets ``onnxruntime`` ``version`` implements (matched on major.minor; a newer
+    release than every table is judged by the newest older one, a lower bound)."""
     _, tables = _tables()
-    table = tables.get(_minor(version))
+    minor = _minor(version)
+    table = tables.get(minor)
     if table is None:
-        known = ", ".join(sorted(tables)) or "none"
-        raise UnknownRuntimeError(
-            f"no opset table for onnxruntime {version} (tables exist for: {known})"
+        below = _at_or_below(list(tables), version)
+        if below is None:
+            known = ", ".join(sorted(tables)) or "none"
+            raise UnknownRuntimeError(
+                f"no opset table for onnxruntime {version} (tables exist for: {known})"
+            )
+        older = tables[below]
+        table = replace(
+            older, version=minor, source=f"{older.source} (as a lower bound for {minor})"
         )
     return table
 

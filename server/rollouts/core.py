@@ -28,6 +28,8 @@ What always holds:
   id), so the canary is a spread of the group, and the same on every replica.
 - Targeting, first attempts and retries alike, never exceeds ``max_devices_per_minute``
   in any 60-second window: each step counts the targeting times of the minute before.
+  A step told ``may_target=False`` (outside the group's maintenance window) starts no
+  attempt at all.
 - A device that reports no progress for ``device_timeout`` after it was targeted ends
   ``timed_out``, which the activation gate counts as a failure: no device holds a
   rollout forever. Reported failures are retried with exponential backoff up to
@@ -563,12 +565,15 @@ def step(
     signals: Mapping[str, DeviceSignals],
     *,
     now: datetime,
+    may_target: bool = True,
 ) -> StepResult:
     """Advance the rollout as far as ``now`` and the signals allow.
 
     ``members``: the group's current members (excluded ones included, with their
     :class:`Exclusion`). ``signals``: by device id; a device without an entry has
-    reported nothing.
+    reported nothing. ``may_target=False`` (outside the group's maintenance window)
+    starts no attempt -- neither new targets nor due retries -- while outcomes, gates,
+    timeouts and phase changes go on as usual.
     """
     if state.status.is_final:
         return StepResult(state=state, actions=())
@@ -595,7 +600,8 @@ def step(
             RolloutStatus.WAITING_APPROVAL,
         ):
             break
-        _fill(work, members, signals)
+        if may_target:
+            _fill(work, members, signals)
         if not _maybe_advance(work, members, report):
             break
     return work.result()

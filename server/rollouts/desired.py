@@ -425,7 +425,7 @@ Record = Callable[[IssuedManifest], None]
 def _default_client() -> mqtt.Client:
     return mqtt.Client(
         CallbackAPIVersion.VERSION2,
-        client_id=f"edgefleet-desired-{uuid.uuid4().hex[:12]}",
+        client_id=f"edgefleet-desired@{uuid.uuid4().hex[:12]}",
         protocol=mqtt.MQTTv311,
         clean_session=True,
     )
@@ -435,11 +435,12 @@ class DesiredPublisher:
     """Signs desired states with the fleet's online keys and publishes them retained.
 
     ``client_factory`` returns a configured, unconnected paho client (credentials,
-    TLS); by default an MQTT 3.1.1 client with a clean session. paho's network thread
-    only sets events here; :meth:`send` waits for the broker's PUBACK for up to
-    ``publish_timeout`` seconds and raises :class:`PublishError` otherwise. The clock
-    is injected (``clock``) so tests control issue and expiry times. After a keyring
-    rotation, assign the new :class:`~server.keys.FleetKeys` to :attr:`keys`.
+    TLS); by default an MQTT 3.1.1 client with a clean session. ``username`` /
+    ``password``, when given, are the broker login (over any the factory set). paho's
+    network thread only sets events here; :meth:`send` waits for the broker's PUBACK
+    for up to ``publish_timeout`` seconds and raises :class:`PublishError` otherwise.
+    The clock is injected (``clock``) so tests control issue and expiry times. After a
+    keyring rotation, assign the new :class:`~server.keys.FleetKeys` to :attr:`keys`.
     """
 
     def __init__(
@@ -449,6 +450,8 @@ class DesiredPublisher:
         host: str = "127.0.0.1",
         port: int = 1883,
         client_factory: ClientFactory | None = None,
+        username: str | None = None,
+        password: str | None = None,
         publish_timeout: float = 10.0,
         lifetime: timedelta = DEFAULT_MANIFEST_LIFETIME,
         refresh_margin: timedelta = DEFAULT_REFRESH_MARGIN,
@@ -465,6 +468,7 @@ class DesiredPublisher:
         self.refresh_margin = refresh_margin
         self._clock = clock or (lambda: datetime.now(UTC))
         self._client_factory = client_factory or _default_client
+        self._login = None if username is None else (username, password)
         self._reconnect_delay = reconnect_delay
         self._client: mqtt.Client | None = None
         self._connected = threading.Event()
@@ -474,11 +478,17 @@ class DesiredPublisher:
 
     # ----------------------------------------------------------------------- lifecycle
 
-    def start(self, timeout: float = 10.0) -> None:
-        """Connect; return once the broker accepted the connection."""
+    def start(self, timeout: float = 10.0, *, wait: bool = True) -> None:
+        """Connect; return once the broker accepted the connection.
+
+        ``wait=False`` returns at once and lets paho connect (and reconnect) in the
+        background; :attr:`connected` tells when publishing can succeed.
+        """
         if self._client is not None:
             raise RuntimeError("DesiredPublisher already started")
         client = self._client_factory()
+        if self._login is not None:
+            client.username_pw_set(*self._login)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.reconnect_delay_set(*self._reconnect_delay)
@@ -489,6 +499,8 @@ class DesiredPublisher:
             self._client = None
             raise PublishError(f"desired-state publisher: bad broker address: {e}") from e
         client.loop_start()
+        if not wait:
+            return
         if not self._connected.wait(timeout):
             refused = self._refused
             self.stop()
@@ -496,6 +508,11 @@ class DesiredPublisher:
                 f"desired-state publisher: no connection to {self.host}:{self.port} within "
                 f"{timeout:g} s" + (f" ({refused})" if refused else "")
             )
+
+    @property
+    def connected(self) -> bool:
+        """Whether the broker currently accepts this publisher's connection."""
+        return self._client is not None and self._connected.is_set()
 
     def stop(self) -> None:
         client, self._client = self._client, None

@@ -17,6 +17,10 @@ code                   meaning
 ``unsupported_ops``    its runtime version cannot run ops the variant needs
 =====================  =============================================================
 
+A device's runtimes are the one it last reported (``runtime``, what serves its models)
+and every one it declared at enrollment (``runtimes``): an agent with no model yet
+reports its first runtime, which need not be the one its profile's artifact needs.
+
 What always holds: the functions here are pure; the op check reads only the op-support
 tables shipped with the server (:func:`server.pipeline.ops.unsupported_ops`).
 """
@@ -69,6 +73,18 @@ class DeviceFacts:
     status: str = ACCEPTED
     runtime: str | None = None
     runtime_version: str | None = None
+    runtimes: tuple[tuple[str, str], ...] = ()
+    """Every ``(runtime, version)`` the device declared at enrollment."""
+
+    def runtime_for(self, name: str) -> tuple[str | None, str | None]:
+        """The runtime to judge an artifact for ``name`` by: that one if the device has
+        it (its reported version first), else the one it reported."""
+        if self.runtime == name:
+            return self.runtime, self.runtime_version
+        declared = dict(self.runtimes)
+        if name in declared:
+            return name, declared[name]
+        return self.runtime, self.runtime_version
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,17 +181,18 @@ def exclusion_for(
     )
     if variant is None:
         return _no_artifact(candidates, model, device.profile)
-    if not device.runtime or not device.runtime_version:
+    name, version = device.runtime_for(variant.runtime)
+    if not name or not version:
         return Exclusion(ExclusionCode.RUNTIME_UNKNOWN, "the device has not reported its runtime")
-    runtime = f"{device.runtime} {device.runtime_version}"
-    if device.runtime != variant.runtime:
+    runtime = f"{name} {version}"
+    if name != variant.runtime:
         return Exclusion(
             ExclusionCode.RUNTIME_MISMATCH,
             f"the {device.profile} artifact of {model} is built for {variant.runtime}; "
             f"the device runs {runtime}",
         )
     try:
-        problems = unsupported_ops(variant.ops, device.runtime, device.runtime_version)
+        problems = unsupported_ops(variant.ops, name, version)
     except (UnknownRuntimeError, ValueError) as e:
         return Exclusion(ExclusionCode.RUNTIME_UNKNOWN, f"cannot check the ops {model} needs: {e}")
     if problems:

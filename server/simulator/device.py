@@ -428,7 +428,7 @@ class SimulatedDevice:
             model_name=active.deployment.model_name,
             model_version=active.deployment.model_version,
             target=active.deployment.target,
-            inferences=inferences,
+            inferences=served,  # as the agent counts: served rows; errors apart
             errors=errors,
             latency_ms=LatencyHistogram(counts=latency_counts(latencies).tolist()),
             drift=drift,

@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import Session
 
 from server.api.deps import NowDep, SessionDep
+from server.brokerconf.hooks import BrokerConfigDep
+from server.brokerconf.writer import BrokerConfigWriter
 from server.fleet import devices as inventory
 from server.fleet import enrollment
 from server.fleet.groups import device_groups
@@ -79,17 +81,25 @@ def show_device(device_id: str, session: SessionDep) -> DevicePublic:
 
 
 def _change(
-    session: Session, device_id: str, action: enrollment.Action, now: datetime
+    session: Session,
+    device_id: str,
+    action: enrollment.Action,
+    now: datetime,
+    broker_config: BrokerConfigWriter | None,
 ) -> DevicePublic:
     device = inventory.get_device(session, device_id=device_id)
     enrollment.change_status(session, device=device, action=action, now=now)
     session.commit()
+    if broker_config is not None:  # the broker's password and ACL files follow the change
+        broker_config.credentials_changed()
     return DevicePublic.of(device, groups=device_groups(session, device))
 
 
 @router.post("/{device_id}/accept", response_model=DevicePublic, summary="Accept a pending device")
-def accept_device(device_id: str, session: SessionDep, now: NowDep) -> DevicePublic:
-    return _change(session, device_id, "accept", now)
+def accept_device(
+    device_id: str, session: SessionDep, now: NowDep, broker_config: BrokerConfigDep
+) -> DevicePublic:
+    return _change(session, device_id, "accept", now, broker_config)
 
 
 @router.post(
@@ -97,8 +107,10 @@ def accept_device(device_id: str, session: SessionDep, now: NowDep) -> DevicePub
     response_model=DevicePublic,
     summary="Reject a pending device (its credentials stop working)",
 )
-def reject_device(device_id: str, session: SessionDep, now: NowDep) -> DevicePublic:
-    return _change(session, device_id, "reject", now)
+def reject_device(
+    device_id: str, session: SessionDep, now: NowDep, broker_config: BrokerConfigDep
+) -> DevicePublic:
+    return _change(session, device_id, "reject", now, broker_config)
 
 
 @router.post(
@@ -106,8 +118,10 @@ def reject_device(device_id: str, session: SessionDep, now: NowDep) -> DevicePub
     response_model=DevicePublic,
     summary="Revoke a device (its credentials stop working)",
 )
-def revoke_device(device_id: str, session: SessionDep, now: NowDep) -> DevicePublic:
-    return _change(session, device_id, "revoke", now)
+def revoke_device(
+    device_id: str, session: SessionDep, now: NowDep, broker_config: BrokerConfigDep
+) -> DevicePublic:
+    return _change(session, device_id, "revoke", now, broker_config)
 
 
 @router.patch(

@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from sqlmodel import Session
 
 from server.api.deps import KeysDep, NowDep, ProfilesDep, SessionDep, SettingsDep
+from server.brokerconf.hooks import BrokerConfigDep
 from server.fleet import enrollment
 from server.fleet.models import DeviceGroup, DeviceStatus, ProvisioningToken, RuntimeFacts
 from shared.topics import check_device_id
@@ -212,6 +213,7 @@ def enroll(
     keys: KeysDep,
     now: NowDep,
     profiles: ProfilesDep,
+    broker_config: BrokerConfigDep,
 ) -> EnrollResponse:
     result = enrollment.enroll(
         session,
@@ -231,6 +233,8 @@ def enroll(
     )
     session.commit()
     device = result.device
+    if broker_config is not None and device.status == DeviceStatus.ACCEPTED:
+        broker_config.credentials_changed()  # a pending device gets no broker login yet
     broker_url = settings.device_broker_url or (
         None if settings.broker_url == "embedded" else _without_credentials(settings.broker_url)
     )

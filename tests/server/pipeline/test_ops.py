@@ -6,7 +6,11 @@ import pytest
 
 from server.pipeline.convert import ConversionError
 from server.pipeline.ops import onnx_ops, tflite_ops, unsupported_ops
-from server.pipeline.runtime_support import UnknownRuntimeError
+from server.pipeline.runtime_support import (
+    UnknownRuntimeError,
+    onnx_opset_table,
+    tflite_op_table,
+)
 from shared.bundle import OpRequirement
 
 
@@ -99,6 +103,19 @@ def test_a_runtime_version_without_a_table_cannot_be_checked() -> None:
         unsupported_ops(op, "onnxruntime", "1.12")
     with pytest.raises(UnknownRuntimeError, match=r"MAJOR\.MINOR"):
         unsupported_ops(op, "litert", "latest")
+
+
+def test_a_newer_release_is_judged_by_the_newest_older_table() -> None:
+    # Runtimes only add op versions and opsets: what 1.20 runs, 1.32 runs too.
+    conv22 = [OpRequirement(name="Conv", version=22)]
+    conv21 = [OpRequirement(name="Conv", version=21)]
+    assert unsupported_ops(conv21, "onnxruntime", "1.32.0") == []
+    assert unsupported_ops(conv22, "onnxruntime", "1.32.0") == [
+        "Conv at ai.onnx opset 22: onnxruntime 1.32.0 implements ai.onnx only up to opset 21"
+    ]
+    table = onnx_opset_table("1.32.0")
+    assert table.version == "1.32" and "lower bound for 1.32" in table.source
+    assert tflite_op_table("litert", "2.9.1").builtin == tflite_op_table("litert", "2.3").builtin
 
 
 def test_unreadable_models_are_conversion_errors() -> None:

@@ -16,7 +16,7 @@ The latencies are measured in interleaved rounds (every candidate once per round
 median of each round's p50s reported), so that load from other processes on the
 machine falls on the baseline and the candidates alike.
 
-    python bench/agent.py [--quick]
+    python bench/serving.py [--quick]
 """
 
 from __future__ import annotations
@@ -36,9 +36,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# Run as ``python bench/agent.py``, this file's folder comes first on sys.path and its
-# name would hide the ``agent`` package: take the folder off the path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
 def reference_bundle(work: Path, epochs: int) -> tuple[bytes, Path, str, object]:

@@ -1,0 +1,195 @@
+"""Time ranges of the drift view: parsing ``since`` / ``until``, buckets, and query plans.
+
+Rollups exist per hour and per day (UTC); a window counts in the hour and day in which
+it started. A range is answered at hour resolution: ``since`` is floored and ``until``
+ceiled to whole hours, and the effective range is reported with every answer.
+:func:`plan` covers a range with the coarsest buckets that fit -- whole days as day
+rows, the hours at either end as hour rows -- so a query reads one row per device per
+day instead of one per hour.
+
+What always holds: pure functions of their arguments and ``now`` (no clock read
+here); every datetime returned is aware UTC; a plan's segments are disjoint, sorted,
+and together cover exactly ``[plan.since, plan.until)``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+
+from server.drift.errors import TimeRangeError
+
+__all__ = [
+    "MAX_RANGE",
+    "Period",
+    "Plan",
+    "Segment",
+    "ceil_to",
+    "floor_to",
+    "parse_instant",
+    "plan",
+    "resolve_range",
+]
+
+MAX_RANGE = timedelta(days=800)
+"""The longest range a query may ask for (longer than any default retention)."""
+
+_UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION = re.compile(r"(\d+)([mhdw])")
+
+
+class Period(StrEnum):
+    HOUR = "hour"
+    DAY = "day"
+
+    @property
+    def length(self) -> timedelta:
+        return timedelta(hours=1) if self is Period.HOUR else timedelta(days=1)
+
+
+def floor_to(moment: datetime, period: Period) -> datetime:
+    """The start of the bucket of ``period`` holding ``moment`` (aware, UTC)."""
+    if moment.tzinfo is None:
+        raise ValueError("naive datetimes are not bucketed; use an aware UTC datetime")
+    utc = moment.astimezone(UTC)
+    if period is Period.HOUR:
+        return utc.replace(minute=0, second=0, microsecond=0)
+    return utc.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def ceil_to(moment: datetime, period: Period) -> datetime:
+    floored = floor_to(moment, period)
+    return floored if floored == moment.astimezone(UTC) else floored + period.length
+
+
+def parse_instant(text: str, *, now: datetime, name: str) -> datetime:
+    """``24h`` / ``7d`` / ``1d12h`` / ``90m`` / ``2w`` ago, ``now``, or an ISO 8601 time.
+
+    An ISO time without an offset is taken as UTC. ``name`` (``since``, ``until``) is
+    what an error message calls the parameter.
+    """
+    compact = text.strip().lower().replace(" ", "")
+    if compact == "now":
+        return now.astimezone(UTC)
+    parts = _DURATION.findall(compact)
+    if parts and "".join(n + u for n, u in parts) == compact:
+        seconds = sum(int(n) * _UNITS[u] for n, u in parts)
+        if seconds <= 0:
+            raise TimeRangeError(f"{name}={text!r}: a duration must be longer than zero")
+        if seconds > MAX_RANGE.total_seconds():
+            raise TimeRangeError(f"{name}={text!r}: at most {MAX_RANGE.days} days back")
+        return (now - timedelta(seconds=seconds)).astimezone(UTC)
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise TimeRangeError(
+            f"{name}={text!r}: use a duration ago (30m, 24h, 7d, 1d12h, 2w), 'now', "
+            "or an ISO 8601 time such as 2026-11-29T12:00:00Z"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
+
+
+def resolve_range(since: str, until: str | None, *, now: datetime) -> tuple[datetime, datetime]:
+    """Parse and snap a range to whole hours: ``[floor(since), ceil(until))``."""
+    start = floor_to(parse_instant(since, now=now, name="since"), Period.HOUR)
+    end = ceil_to(
+        parse_instant(until, now=now, name="until") if until else now.astimezone(UTC), Period.HOUR
+    )
+    if start >= end:
+        raise TimeRangeError(
+            f"since ({start.isoformat()}) must be before until ({end.isoformat()})"
+        )
+    if end - start > MAX_RANGE:
+        raise TimeRangeError(f"the range is longer than {MAX_RANGE.days} days")
+    return start, end
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """Rows of ``period`` whose bucket starts in ``[start, end)``."""
+
+    period: Period
+    start: datetime
+    end: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Which rollup rows answer a range, and the range they answer exactly."""
+
+    since: datetime
+    until: datetime
+    segments: tuple[Segment, ...]
+    widened: bool
+    """The range had to grow to whole days: the hours at its ends were deleted."""
+    clipped: bool
+    """The range had to shrink: its start was deleted from every tier."""
+
+
+def plan(
+    since: datetime,
+    until: datetime,
+    *,
+    hour_deleted_before: datetime | None = None,
+    day_deleted_before: datetime | None = None,
+) -> Plan:
+    """Cover ``[since, until)`` (whole hours) with the fewest rows per device.
+
+    Whole days inside the range are read as day rows, the rest as hour rows. Hours
+    whose hour rows were deleted are read from their day's row instead, which widens
+    the range to that whole day; a start before even the day rows' retention is moved
+    up to it. Either is flagged on the plan.
+    """
+    clipped = False
+    if day_deleted_before is not None and since < day_deleted_before:
+        since = ceil_to(day_deleted_before, Period.DAY)
+        clipped = True
+        if since >= until:
+            raise TimeRangeError(
+                f"everything before {since.isoformat()} has been deleted (retention); "
+                "the range holds no data that is kept"
+            )
+    first_day = ceil_to(since, Period.DAY)
+    last_day = floor_to(until, Period.DAY)
+    hours: list[tuple[datetime, datetime]] = []
+    days: list[tuple[datetime, datetime]] = []
+    if first_day < last_day:
+        days.append((first_day, last_day))
+        hours += [(since, first_day), (last_day, until)]
+    else:
+        hours.append((since, until))
+    widened = False
+    kept_hours = []
+    for start, end in hours:
+        while start < end:  # one day at a time: a deleted hour costs its own day only
+            stop = min(end, floor_to(start, Period.DAY) + Period.DAY.length)
+            if hour_deleted_before is not None and start < hour_deleted_before:
+                days.append((floor_to(start, Period.DAY), ceil_to(stop, Period.DAY)))
+                widened = True
+            else:
+                kept_hours.append((start, stop))
+            start = stop
+    segments = [Segment(Period.DAY, s, e) for s, e in _merge(days)]
+    segments += [Segment(Period.HOUR, s, e) for s, e in _merge(kept_hours)]
+    segments.sort(key=lambda s: s.start)
+    return Plan(
+        since=segments[0].start,
+        until=segments[-1].end,
+        segments=tuple(segments),
+        widened=widened,
+        clipped=clipped,
+    )
+
+
+def _merge(spans: list[tuple[datetime, datetime]]) -> list[tuple[datetime, datetime]]:
+    merged: list[tuple[datetime, datetime]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
