@@ -9,6 +9,7 @@ Threads and what each may do:
 - the **update thread** plans, downloads, verifies, self-tests, activates, watches
   the health check and, when it fails, rolls back -- one update at a time: a desired
   state that arrives meanwhile waits (at most ``limits.health_check_max_seconds``);
+  between updates it looks at the wall clock for install windows that opened;
 - the local API's threads (and callers of :meth:`Agent.predict`) serve predictions
   from the active model;
 - the transport's network thread and the outbox publisher are their modules' own.
@@ -27,6 +28,18 @@ names the cause and its numbers, the last update result and the retained state
 say so -- and passing is a ``health_check_passed`` event. With fewer inferences by
 the deadline, those are judged; with none, the replay's verdict stands.
 
+Install windows. A deployment with an ``install_window`` that is closed by the injected
+wall clock is fetched, verified, self-tested and staged at once -- ``downloading``,
+``verified`` and ``staged`` events, a ``staged`` last update -- and then waits: nothing
+stays loaded, the pointer does not move, the model served does not change. When the
+window opens, the update thread applies the same desired state again, which verifies
+the staged bundle again, loads and self-tests it, and activates it (pointer last) and
+judges it as any update. A newer desired state replaces what waits (a bundle it no
+longer names is removed). The waiting desired state is kept on disk
+(``agent.store``), so after a restart -- with or without a broker -- it is verified
+again, by the trust rules and the bundle's hash and signature, and still waits.
+Deployments without a window, and removals, happen at once.
+
 Restarts. A probation marker (``agent.store.ProbationMarker``) is written before a
 new model is first loaded and before its pointer moves, and removed when it passes.
 At start, a marker means the agent was killed or crashed while that update was
@@ -40,7 +53,8 @@ What always holds: the agent starts and serves the last good model with no broke
 and no network; nothing on the inference path touches the network; a refused
 desired state changes nothing on disk but a ``rejected`` event in the outbox; the
 active pointer moves only after a bundle verified, loaded and passed its self-tests;
-a model on probation has a marker on disk until its verdict is recorded.
+a model on probation has a marker on disk until its verdict is recorded; a
+deployment with an install window is activated only while the wall clock is inside it.
 """
 
 from __future__ import annotations
@@ -67,6 +81,7 @@ from agent import __version__
 from agent.config import AgentConfig, Limits
 from agent.download import BlockDownloader, DownloadError, TransportFrameSource, http_download
 from agent.errors import AgentError
+from agent.feedback import sample_batches, samples_fit
 from agent.http_api import LocalApi
 from agent.monitoring import WindowMonitor
 from agent.outbox import Outbox, OutboxPublisher
@@ -94,6 +109,9 @@ from shared.messages import (
     DeviceState,
     Event,
     EventKind,
+    FeedbackReport,
+    InstallWindow,
+    LabelledOutcome,
     RunningModel,
     RuntimeInfo,
     UpdateOutcome,
@@ -278,6 +296,8 @@ class Agent:
         self._retry_at: float | None = None
         self._probation: Probation | None = None
         self._resumed: list[ProbationMarker] = []
+        self._waiting: dict[str, Deployment] = {}  # staged, each waiting for its window
+        self._wanted: frozenset[str] = frozenset()  # sha256s the accepted state still needs
         self.publisher: OutboxPublisher | None = None  # events may be put before it starts
 
     # ------------------------------------------------------------------ lifecycle
@@ -306,6 +326,13 @@ class Agent:
         )
         self._recover_probations()  # before any model is loaded: it may be the one that crashes
         self._load_active_models()
+        try:
+            waiting = self.store.waiting()
+        except StoreError as e:
+            log.warning("%s", e)
+            waiting = None
+        if waiting is not None:  # verified again, by the trust rules, on the update thread
+            self._offer_desired(waiting)
         self.api: LocalApi | None = None
         if config.http.enabled:
             self.api = LocalApi(
@@ -315,6 +342,7 @@ class Agent:
                 limits=config.limits,
                 status_provider=self.status,
                 on_inference=self._observe,
+                on_feedback=self._forward_feedback,
             )
             self.api_address = self.api.start()
         if config.broker is not None:
@@ -437,6 +465,15 @@ class Agent:
             if self.last_update is None
             else self.last_update.model_dump(mode="json"),
             "probation": None if (probation := self._probation) is None else probation.snapshot(),
+            "waiting": [
+                {
+                    "model_name": name,
+                    "model_version": d.model_version,
+                    "install_window": str(d.install_window),
+                    "opens_at": _next_opening(d.install_window, self._now()),
+                }
+                for name, d in sorted(self._waiting.items())
+            ],
         }
 
     # ------------------------------------------------------------------ main loop
@@ -486,8 +523,51 @@ class Agent:
             )
         except (AgentError, ContractError) as e:
             log.error("telemetry window not stored: %s", e)
+        self._forward_samples()
         if self.publisher is not None:
             self.publisher.wake()
+
+    # ------------------------------------------------------------------ feedback and samples
+
+    def _forward_feedback(self, outcomes: list[LabelledOutcome]) -> None:
+        """Labels posted to the local API: into the outbox (on an HTTP thread; raises
+        :class:`~agent.errors.AgentError` when the outbox cannot store them)."""
+        try:
+            payload = FeedbackReport(device_id=self.config.device_id, outcomes=outcomes).to_bytes()
+        except ContractError as e:
+            raise AgentError(f"feedback cannot be sent: {e}") from e
+        self.outbox.put(device_topic(self.config.device_id, Channel.FEEDBACK), payload)
+        if self.publisher is not None:
+            self.publisher.wake()
+
+    def _forward_samples(self) -> None:
+        """Samples captured in closed windows (``capture.enabled``): into the outbox, within
+        half of its bounds (:func:`agent.feedback.samples_fit`); what does not fit is dropped."""
+        topic = device_topic(self.config.device_id, Channel.SAMPLES)
+        for captured in self.monitor.take_samples():
+            try:
+                batches, not_finite = sample_batches(self.config.device_id, captured)
+                for batch in batches:
+                    payload = batch.to_bytes()
+                    if not samples_fit(
+                        rows=self.outbox.depth(),
+                        bytes_stored=self.outbox.bytes(),
+                        max_rows=self.outbox.max_rows,
+                        max_bytes=self.outbox.max_bytes,
+                        size=len(payload) + len(topic),
+                    ):
+                        log.warning(
+                            "samples of window %d dropped: the outbox is half full",
+                            captured.seq,
+                            extra={"event": "samples_dropped", "rows": len(batch.rows)},
+                        )
+                        break
+                    self.outbox.put(topic, payload)
+            except (AgentError, ContractError) as e:
+                log.error("samples of window %d not stored: %s", captured.seq, e)
+                continue
+            if not_finite:
+                log.info("%d captured rows were not finite and stay on the device", not_finite)
 
     def _event(self, kind: EventKind, deployment: Deployment | None = None, **fields: Any) -> None:
         event = Event(
@@ -557,18 +637,38 @@ class Agent:
                 log.exception("resuming the health check of %s failed", marker.model_name)
         while not self._stopping.is_set():
             try:
-                payload = self._desired.get(timeout=0.5)
+                payload: bytes | None = self._desired.get(timeout=0.5)
             except queue.Empty:
+                payload = self._window_opened()
+            if payload is None:
                 continue
             try:
                 self.apply_desired(payload)
             except Exception:  # the update thread must survive anything
                 log.exception("update failed unexpectedly")
 
+    def _window_opened(self) -> bytes | None:
+        """The desired state to apply again because a staged deployment's window is open."""
+        if not self._waiting or self._last_desired is None:
+            return None
+        now = self._now()
+        for deployment in self._waiting.values():
+            window = deployment.install_window
+            if window is not None and window.contains(now):
+                log.info(
+                    "the install window %s of %s v%s is open",
+                    window,
+                    deployment.model_name,
+                    deployment.model_version,
+                )
+                return self._last_desired
+        return None
+
     def apply_desired(self, payload: bytes) -> UpdatePlan | None:
         """Plan and carry out one desired state; a refusal changes nothing but an event.
 
-        Returns once every new model was activated and judged (or refused).
+        Returns once every new model was activated and judged, refused, or -- outside
+        its install window -- staged to wait for it.
         """
         running = {}
         for name in self.models:
@@ -590,7 +690,15 @@ class Agent:
             log.warning("desired state refused (%s): %s", reason, e)
             self._finish(None, UpdateOutcome.REJECTED, str(reason), str(e))
             self._event(EventKind.REJECTED, reason=str(reason), detail=str(e)[:1000])
+            if payload == self._last_desired and self._waiting:
+                # What waited can no longer be trusted (it expired, say): nothing waits.
+                self._settle_waiting(payload, {}, before=self._waiting)
             return None
+        before, self._waiting = self._waiting, {}
+        if plan.is_new:
+            # Forget a kept older state before the trust state moves past it: a restart
+            # in between must not find it and refuse it as a rollback.
+            self._settle_waiting(payload, {}, before={})
         self._last_desired = payload
         if plan.is_new:
             self.trust = plan.state
@@ -598,19 +706,50 @@ class Agent:
             self._refused.clear()
         self._forget_stale_markers(plan)
         pending = [d for d in plan.fetch if d.artifact.sha256 not in self._refused]
+        self._wanted = frozenset(d.artifact.sha256 for d in pending)
         with contextlib.suppress(OSError):  # downloads nobody asks for any more
-            self.store.clean_tmp(keep={d.artifact.sha256 for d in pending})
+            self.store.clean_tmp(keep=self._wanted)
         if not plan.is_new and not pending:
+            self._settle_waiting(payload, {}, before=before)
             return plan
+        waiting: dict[str, Deployment] = {}
         for deployment in pending:
-            self._install(deployment, plan)
+            window = deployment.install_window
+            if window is None or window.contains(self._now()):
+                self._install(deployment, plan)
+            elif before.get(deployment.model_name) == deployment or self._install(
+                deployment, plan, activate=False
+            ):  # staged now, or staged and checked before in this process
+                waiting[deployment.model_name] = deployment
+                self._waiting = {**self._waiting, deployment.model_name: deployment}
         for name in plan.remove:
             self.store.deactivate(name)
             self._set_model(name, None)
         if not plan.fetch:
             self._finish(plan, UpdateOutcome.ACTIVATED, None, "nothing to fetch")
+        self._settle_waiting(payload, waiting, before=before)
         self._state_dirty.set()
         return plan
+
+    def _settle_waiting(
+        self, payload: bytes, waiting: dict[str, Deployment], *, before: dict[str, Deployment]
+    ) -> None:
+        """Record what waits for its window now (kept on disk while anything does), and
+        remove staged bundles that waited before and are asked for no more."""
+        self._waiting = waiting
+        try:
+            if waiting:
+                self.store.keep_waiting(payload)
+            else:
+                self.store.forget_waiting()
+        except StoreError as e:  # only a restart with no broker would miss it
+            log.warning("%s", e)
+        kept = {d.artifact.sha256 for d in waiting.values()}
+        if {d.artifact.sha256 for d in before.values()} - kept - self._wanted:
+            try:  # pointers keep what runs and ran before; the rest goes
+                self.store.garbage_collect(keep=kept | self._wanted)
+            except StoreError as e:
+                log.warning("%s", e)
 
     def _forget_stale_markers(self, plan: UpdatePlan) -> None:
         """Drop probation markers the accepted desired state made pointless: refusals of an
@@ -627,7 +766,13 @@ class Agent:
             if stale:
                 self.store.end_probation(name)
 
-    def _install(self, deployment: Deployment, plan: UpdatePlan) -> None:
+    def _install(self, deployment: Deployment, plan: UpdatePlan, *, activate: bool = True) -> bool:
+        """Fetch, verify, self-test and stage one deployment, then activate and judge it
+        -- or, with ``activate=False``, leave it staged to wait for its install window.
+
+        True when it was activated (whatever the health check then decided) or staged;
+        False when it was refused or failed, which is reported either way.
+        """
         ref = deployment.artifact
         name = deployment.model_name
         rollout_id = plan.desired.rollout_id
@@ -661,24 +806,45 @@ class Agent:
             trial.run_self_tests()
             if not staged:
                 self.store.stage(path, sha256=ref.sha256, length=ref.length)
-            self.store.activate(name, bundle_ref)
+            if activate:
+                self.store.activate(name, bundle_ref)
+            else:
+                # Nothing stays loaded while it waits; when the window opens the bundle
+                # is verified, marked, loaded and self-tested again before it activates.
+                self.store.end_probation(name)
         except ContractError as e:
             reason = str(getattr(e, "reason", RejectReason.MALFORMED))
             self._reject(plan, deployment, reason, e, marked=marked)
-            return
+            return False
         except ModelRuntimeError as e:
             self._reject(plan, deployment, "self_test_failed", e, marked=marked)
-            return
+            return False
         except (DownloadError, StoreError, OSError) as e:
             reason = "download_failed" if isinstance(e, DownloadError) else "store_failed"
             self._retry_at = self._clock() + self.config.limits.backoff_max_seconds
             self._finish(plan, UpdateOutcome.FAILED, reason, str(e))
             self._event(EventKind.FAILED, deployment, reason=reason, detail=str(e)[:1000])
-            return
+            return False
+        if not activate:
+            del trial
+            self._report_staged(deployment, plan)
+            return True
         self._set_model(name, trial)
         self.monitor.set_model(trial.manifest)
         self._event(EventKind.ACTIVATED, deployment)
         self._probate(trial, deployment, rollout_id)
+        return True
+
+    def _report_staged(self, deployment: Deployment, plan: UpdatePlan) -> None:
+        window = deployment.install_window
+        assert window is not None
+        detail = (
+            f"{deployment.model_name} v{deployment.model_version} staged; activates in its "
+            f"install window {window}, next opening {_next_opening(window, self._now())}"
+        )
+        log.info("%s", detail)
+        self._event(EventKind.STAGED, deployment, rollout_id=plan.desired.rollout_id, detail=detail)
+        self._finish(plan, UpdateOutcome.STAGED, None, detail)
 
     def _fetch(self, deployment: Deployment) -> tuple[Path, Bundle, bool]:
         """The artifact, verified: (path, bundle, whether it is staged in ``bundles/``).
@@ -828,8 +994,11 @@ class Agent:
             self.store.end_probation(name)
         except StoreError as e:  # the next start checks it once more; nothing worse
             log.error("%s", e)
-        try:  # keep what the pointers name (current and previous), drop older versions
-            self.store.garbage_collect()
+        try:  # keep what the pointers name (current and previous) and what is still asked
+            # for (staged, maybe waiting for its window); drop older versions
+            self.store.garbage_collect(
+                keep=self._wanted | {d.artifact.sha256 for d in self._waiting.values()}
+            )
         except StoreError as e:
             log.warning("%s", e)
 
@@ -1011,6 +1180,11 @@ def _deployment(marker: ProbationMarker) -> Deployment:
         target=marker.ref.target,
         artifact=ArtifactRef(sha256=marker.ref.sha256, length=marker.ref.length),
     )
+
+
+def _next_opening(window: InstallWindow | None, now: datetime) -> str | None:
+    """When ``window`` next opens after ``now`` (ISO 8601, UTC); None without a window."""
+    return None if window is None else window.next_opening(now).astimezone(UTC).isoformat()
 
 
 def _arch() -> str:

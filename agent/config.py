@@ -131,6 +131,13 @@ class Limits(_Section):
     backoff_max_seconds: float = Field(120.0, gt=0)
     max_request_bytes: int = Field(4 * 1024 * 1024, gt=0, description="local API body limit")
     max_batch_rows: int = Field(1024, gt=0)
+    prediction_log_size: int = Field(
+        10_000,
+        ge=1,
+        le=10_000_000,
+        description="recent predictions remembered by id (about 30 bytes each), so a label "
+        "posted to /v1/feedback can be matched to the model and class that answered",
+    )
     health_check_inferences: int = Field(
         20, ge=1, description="first real inferences a new model is judged on"
     )

@@ -4,7 +4,10 @@ Routes::
 
     POST /v1/predict   {"instances": [[...], ...]} or {"instance": [...]}
                        -> {"model", "version", "predictions": [{"label", "class",
-                           "confidence", "probabilities"}] or [{"value"}]}
+                           "confidence", "probabilities"}] or [{"value"}],
+                           "prediction_ids": ["<id>", ...]}
+    POST /v1/feedback  {"prediction_id", "true_label"} or {"feedback": [{...}, ...]}
+                       -> 202 {"forwarded", "already_forwarded", "outcomes": [...]}
     GET  /v1/status    what runs, versions, connection state, outbox depth, this window
     GET  /v1/health    200 while a model is active, 503 otherwise
 
@@ -24,6 +27,15 @@ What always holds:
   :meth:`~agent.monitoring.WindowMonitor.record_error`. Each call that reached the
   model is also handed to ``on_inference`` (the agent's health check of a new model):
   its latency, or None when the model failed -- not when the caller sent bad input.
+- Every prediction gets an id (``prediction_ids``, one per row, in row order) from an
+  :class:`~agent.feedback.PredictionLog` of the last ``limits.prediction_log_size``
+  predictions. A label posted to ``/v1/feedback`` for one of them is checked against
+  the model that made that prediction (its label set; classification only) and handed
+  to ``on_feedback`` -- the agent puts it in its durable outbox -- before the answer
+  is 202; a request with any bad item forwards nothing and names the first problem
+  (404 an unknown or forgotten id, 422 a label the model does not know, 409 a
+  prediction already labelled otherwise). The same label again is answered 202 and
+  not forwarded twice.
 - The TCP listener binds loopback addresses only; at most
   :data:`MAX_CONNECTIONS` connections are served at once, the rest are answered 503.
 """
@@ -43,6 +55,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -53,9 +66,17 @@ import numpy.typing as npt
 
 from agent.config import HttpConfig, Limits
 from agent.errors import AgentError, ConfigError
+from agent.feedback import (
+    FeedbackError,
+    LabelConflictError,
+    LoggedPrediction,
+    PredictionLog,
+    UnknownPredictionError,
+)
 from agent.monitoring import WindowMonitor
 from agent.runtime import InputError, Prediction
 from shared.bundle import BundleManifest
+from shared.messages import MAX_OUTCOMES_PER_REPORT, LabelledOutcome
 from shared.model import strict_json_loads
 
 __all__ = ["MAX_CONNECTIONS", "SOCKET_TIMEOUT_SECONDS", "LocalApi", "Predictor"]
@@ -69,7 +90,8 @@ SOCKET_TIMEOUT_SECONDS = 15.0
 """How long a connection may sit idle, or a body take to arrive, before it is closed."""
 
 _PREDICT, _STATUS, _HEALTH = "/v1/predict", "/v1/status", "/v1/health"
-_ALLOWED = {_PREDICT: ("POST",), _STATUS: ("GET",), _HEALTH: ("GET",)}
+_FEEDBACK = "/v1/feedback"
+_ALLOWED = {_PREDICT: ("POST",), _FEEDBACK: ("POST",), _STATUS: ("GET",), _HEALTH: ("GET",)}
 _BUSY_BODY = b'{"error":"busy","message":"too many connections; try again shortly"}'
 
 
@@ -169,6 +191,53 @@ def _parse_instances(body: bytes, *, n_features: int, max_rows: int) -> npt.NDAr
     return x
 
 
+def _parse_feedback(body: bytes) -> list[tuple[str, str, Any]]:
+    """The items of a feedback body as ``(where, prediction_id, true_label)``; ``where``
+    prefixes a message about the item (``feedback[2]: ``, or nothing for one item)."""
+    try:
+        data = strict_json_loads(body)
+    except ValueError as e:
+        raise _HttpError(
+            HTTPStatus.BAD_REQUEST, "malformed_json", f"malformed JSON body ({e})"
+        ) from e
+    if not isinstance(data, dict):
+        raise _bad(f"the body must be a JSON object, not {_describe(data)}")
+    if "feedback" in data:
+        if set(data) != {"feedback"}:
+            raise _bad('give either "feedback" (a list) or one prediction_id and true_label')
+        raw = data["feedback"]
+        if not isinstance(raw, list) or not raw:
+            raise _bad('"feedback" must be a non-empty list of objects')
+        if len(raw) > MAX_OUTCOMES_PER_REPORT:
+            raise _HttpError(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                "too_many_items",
+                f"{len(raw)} feedback items is over the limit of {MAX_OUTCOMES_PER_REPORT} "
+                "per request",
+            )
+        entries = [(f"feedback[{i}]: ", item) for i, item in enumerate(raw)]
+    else:
+        entries = [("", data)]
+    items: list[tuple[str, str, Any]] = []
+    seen: set[str] = set()
+    for where, item in entries:
+        if not isinstance(item, dict):
+            raise _bad(f"{where}an item must be an object, not {_describe(item)}")
+        unknown = sorted(set(item) - {"prediction_id", "true_label"})
+        if unknown:
+            raise _bad(f'{where}unknown field "{unknown[0]}"; give prediction_id and true_label')
+        prediction_id, label = item.get("prediction_id"), item.get("true_label")
+        if not isinstance(prediction_id, str) or not prediction_id:
+            raise _bad(f"{where}prediction_id must be the id /v1/predict answered with")
+        if isinstance(label, bool) or not isinstance(label, str | int) or label == "":
+            raise _bad(f"{where}true_label must be a label name or a class index")
+        if prediction_id in seen:
+            raise _bad(f"{where}prediction {prediction_id} appears twice")
+        seen.add(prediction_id)
+        items.append((where, prediction_id, label))
+    return items
+
+
 def _predictions(manifest: BundleManifest, prediction: Prediction) -> list[dict[str, Any]]:
     if manifest.task == "classification" and prediction.classes is not None:
         classes = np.asarray(prediction.classes).tolist()
@@ -220,6 +289,9 @@ class LocalApi:
     exception is logged and answered 500. ``on_inference(predictor, latency_ms)`` is
     called on the request's thread after each call of ``predict`` that was not an
     input error (``latency_ms`` None: the model failed); it must be cheap and not raise.
+    ``on_feedback(outcomes)`` stores labelled outcomes durably (raising
+    :class:`~agent.errors.AgentError` when it cannot); without it ``/v1/feedback``
+    answers 503.
     """
 
     def __init__(
@@ -231,6 +303,7 @@ class LocalApi:
         limits: Limits,
         status_provider: Callable[[], Mapping[str, Any]],
         on_inference: Callable[[Predictor, float | None], None] | None = None,
+        on_feedback: Callable[[list[LabelledOutcome]], None] | None = None,
     ) -> None:
         if config.unix_socket is None and not _is_loopback(config.host):
             raise ConfigError(
@@ -243,6 +316,8 @@ class LocalApi:
         self._limits = limits
         self._status_provider = status_provider
         self._on_inference = on_inference
+        self._on_feedback = on_feedback
+        self.predictions = PredictionLog(limits.prediction_log_size)
         self._server: _TcpServer | _UnixServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -304,6 +379,8 @@ class LocalApi:
                 )
             if path == _PREDICT:
                 return self._predict(request)
+            if path == _FEEDBACK:
+                return self._feedback(request)
             if path == _STATUS:
                 return self._status()
             return self._health()
@@ -346,6 +423,14 @@ class LocalApi:
             if self._on_inference is not None:
                 self._on_inference(predictor, latency_ms)
             predictions = _predictions(manifest, prediction)
+            prediction_ids = self.predictions.record(
+                manifest,
+                prediction.classes,
+                rows=len(prediction.outputs),
+                n_classes=None
+                if prediction.probabilities is None
+                else int(prediction.probabilities.shape[1]),
+            )
         except _HttpError as e:
             kind = "unavailable" if e.reply.status == 503 else "input"
             self._monitor.record_error(kind, manifest=manifest)
@@ -354,7 +439,9 @@ class LocalApi:
             self._monitor.record_error("runtime", manifest=manifest)
             raise
         try:
-            self._monitor.record(rows, prediction, latency_ms, manifest=manifest)
+            self._monitor.record(
+                rows, prediction, latency_ms, manifest=manifest, prediction_ids=prediction_ids
+            )
         except Exception:  # a monitoring fault must not cost the client its answer
             log.exception("local API: monitoring failed to record a prediction")
         return _Reply(
@@ -363,6 +450,84 @@ class LocalApi:
                 "model": manifest.model_name,
                 "version": manifest.model_version,
                 "predictions": predictions,
+                "prediction_ids": prediction_ids,
+            },
+        )
+
+    def _feedback(self, request: _Handler) -> _Reply:
+        _check_content_type(request.headers.get("Content-Type"))
+        length = _content_length(request, self._limits.max_request_bytes)
+        body = request.read_body(length)
+        if self._on_feedback is None:
+            raise _HttpError(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                "feedback_unavailable",
+                "this agent does not forward feedback",
+            )
+        items = _parse_feedback(body)
+        now = datetime.now(UTC)
+        checked: list[tuple[LoggedPrediction, int, bool]] = []
+        for where, prediction_id, label in items:
+            try:
+                logged = self.predictions.lookup(prediction_id)
+                true_class = logged.class_of(label)
+                earlier = self.predictions.labelled_as(prediction_id)
+                if earlier is not None and earlier != true_class:
+                    raise LabelConflictError(
+                        f"prediction {prediction_id} was already labelled "
+                        f"{logged.label_of(earlier)!r}; the first label stays"
+                    )
+            except UnknownPredictionError as e:
+                raise _HttpError(
+                    HTTPStatus.NOT_FOUND, "unknown_prediction", f"{where}{e}"
+                ) from None
+            except LabelConflictError as e:
+                raise _HttpError(HTTPStatus.CONFLICT, "label_conflict", f"{where}{e}") from None
+            except FeedbackError as e:
+                raise _HttpError(
+                    HTTPStatus.UNPROCESSABLE_ENTITY, "unknown_label", f"{where}{e}"
+                ) from None
+            checked.append((logged, true_class, earlier is not None))
+        outcomes = [
+            LabelledOutcome(
+                prediction_id=logged.prediction_id,
+                model_name=logged.model_name,
+                model_version=logged.model_version,
+                # class_of() refused anything but a classification, so a class is there
+                predicted_label=logged.label_of(int(logged.predicted_class or 0)),
+                true_label=logged.label_of(true_class),
+                predicted_at=logged.predicted_at,
+                labelled_at=now,
+            )
+            for logged, true_class, already in checked
+            if not already
+        ]
+        if outcomes:
+            try:
+                self._on_feedback(outcomes)
+            except AgentError as e:
+                raise _HttpError(
+                    HTTPStatus.SERVICE_UNAVAILABLE, "feedback_not_stored", str(e)
+                ) from e
+            for logged, true_class, already in checked:
+                if not already:
+                    self.predictions.mark_labelled(logged.prediction_id, true_class)
+        return _Reply(
+            202,
+            {
+                "forwarded": len(outcomes),
+                "already_forwarded": len(checked) - len(outcomes),
+                "outcomes": [
+                    {
+                        "prediction_id": logged.prediction_id,
+                        "model": logged.model_name,
+                        "version": logged.model_version,
+                        "predicted_label": logged.predicted_label,
+                        "true_label": logged.label_of(true_class),
+                        "correct": logged.predicted_class == true_class,
+                    }
+                    for logged, true_class, _ in checked
+                ],
             },
         )
 
@@ -465,6 +630,14 @@ class _Handler(BaseHTTPRequestHandler):
     sys_version = ""
     timeout = SOCKET_TIMEOUT_SECONDS
     _body_read = False
+
+    def setup(self) -> None:
+        super().setup()
+        if self.connection.family in (socket.AF_INET, socket.AF_INET6):
+            # An answer leaves as two writes (headers, body): with Nagle's algorithm the
+            # body waits for the client's delayed ACK of the headers, ~40 ms per request
+            # on a keep-alive connection.
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def do_GET(self) -> None:
         self._dispatch()

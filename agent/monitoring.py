@@ -26,7 +26,8 @@ What always holds:
 - Window length is measured on the injected monotonic ``clock``; window start and end
   are read from the injected ``wall_clock``, and an end is never before its start.
 - Input sample capture is off unless ``capture.enabled``; when on, each window keeps
-  a uniform reservoir sample of the rows it saw.
+  a uniform reservoir sample of the rows it saw, each with the prediction id it was
+  answered under when the caller gave one (so a label posted later can be joined).
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ class CapturedSamples:
     seq: int
     window_end: datetime
     rows: npt.NDArray[np.float64]
+    prediction_ids: tuple[str | None, ...] | None = None
+    """Per row, the id of the prediction it was answered under (None: no ids were given)."""
 
 
 def percentiles(counts: Sequence[int] | npt.NDArray[np.int64]) -> dict[str, float | None]:
@@ -154,19 +157,25 @@ class _Reservoir:
         self._rng = rng
         self._capacity: int | None = None  # set by the first row's size
         self._rows: list[npt.NDArray[np.float64]] = []
+        self._ids: list[str | None] = []
+        self._any_id = False
         self._seen = 0
         self._next = 0
         self._w = 1.0
 
-    def offer(self, rows: npt.NDArray[Any]) -> None:
+    def offer(self, rows: npt.NDArray[Any], ids: Sequence[str] | None = None) -> None:
         if rows.shape[0] == 0:
             return
+        if ids is not None and len(ids) != rows.shape[0]:
+            ids = None  # a caller's bug; capture never fails an inference
+        self._any_id = self._any_id or ids is not None
         if self._capacity is None:
             self._capacity = min(self._max_rows, self._max_bytes // max(rows[0].size * 8, 1))
         capacity = self._capacity
         start, end = self._seen, self._seen + rows.shape[0]
         while len(self._rows) < capacity and self._seen < end:
             self._rows.append(np.array(rows[self._seen - start], dtype=np.float64))
+            self._ids.append(None if ids is None else ids[self._seen - start])
             self._seen += 1
             if len(self._rows) == capacity:
                 self._w = math.exp(math.log(self._random()) / capacity)
@@ -174,6 +183,7 @@ class _Reservoir:
         while capacity and len(self._rows) == capacity and self._next < end:
             slot = int(self._rng.integers(capacity))
             self._rows[slot] = np.array(rows[self._next - start], dtype=np.float64)
+            self._ids[slot] = None if ids is None else ids[self._next - start]
             self._w *= math.exp(math.log(self._random()) / capacity)
             self._advance()
         self._seen = end
@@ -189,6 +199,10 @@ class _Reservoir:
         if not self._rows:
             return None
         return np.stack(self._rows)
+
+    def taken_ids(self) -> tuple[str | None, ...] | None:
+        """The prediction ids of the rows :meth:`take` returns (None if none were given)."""
+        return tuple(self._ids) if self._any_id else None
 
 
 # ----------------------------------------------------------------------------- one model
@@ -388,6 +402,7 @@ class WindowMonitor:
         latency_ms: float,
         *,
         manifest: BundleManifest | None = None,
+        prediction_ids: Sequence[str] | None = None,
     ) -> None:
         """Count one ``predict`` call: its rows (raw, before preprocessing) and outputs.
 
@@ -396,6 +411,7 @@ class WindowMonitor:
 
         ``manifest`` names the model that answered, when it may no longer be the
         active one; by default the active model. Nothing is counted with no model.
+        ``prediction_ids`` (one per row) go with the rows sample capture keeps.
         """
         n = len(prediction.outputs)
         if n == 0:
@@ -412,7 +428,7 @@ class WindowMonitor:
             if stats.drift is not None:
                 stats.add(rows_raw, prediction, n)
             if stats.reservoir is not None and rows_raw.size % n == 0:
-                stats.reservoir.offer(rows_raw.reshape(n, -1))
+                stats.reservoir.offer(rows_raw.reshape(n, -1), prediction_ids)
 
     def record_error(self, kind: str, *, manifest: BundleManifest | None = None) -> None:
         """Count one ``predict`` request that produced no prediction, by ``kind``.
@@ -474,10 +490,11 @@ class WindowMonitor:
 
     def _keep_samples(self, stats: _ModelStats, seq: int, end: datetime) -> None:
         rows = stats.reservoir.take() if stats.reservoir is not None else None
-        if rows is None:
+        if rows is None or stats.reservoir is None:
             return
         name, version, target = stats.key
-        self._samples.append(CapturedSamples(name, version, target, seq, end, rows))
+        ids = stats.reservoir.taken_ids()
+        self._samples.append(CapturedSamples(name, version, target, seq, end, rows, ids))
         total = sum(s.rows.nbytes for s in self._samples)
         while self._samples and total > self._capture.max_bytes:  # the oldest go first
             total -= self._samples.pop(0).rows.nbytes

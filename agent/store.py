@@ -5,6 +5,8 @@ Layout under ``<data_dir>/models/``::
     bundles/<sha256>.efb    content-addressed bundle files, read-only once in place
     pointers/<model>.json   one pointer file per model name: what runs, what ran before
     probation/<model>.json  an update of that model not yet judged healthy, or given up
+    waiting.json            the signed desired state whose staged bundles wait for their
+                            install window (absent when nothing waits)
     tmp/                    downloads and file drafts; load_active() keeps only what a
                             download can resume from (<sha256>, .part, .part.json)
 
@@ -27,6 +29,14 @@ agent starts that met it (:meth:`ModelStore.count_restart`), which is how a mode
 that crashes the process on load or on inference is given up instead of looping
 for ever. A given-up marker (``failed`` set) stays as the record that this
 artifact is refused for its manifest version.
+
+Staging ahead. A deployment with an install window is staged (:meth:`ModelStore.stage`)
+long before its pointer moves. ``waiting.json`` keeps the desired state that asked for
+it, exactly as received (:meth:`ModelStore.keep_waiting`), so an agent that restarts
+with no broker still knows what waits and when; the agent verifies it again by the
+trust rules, and the bundle again, before it acts on either. A staged bundle no
+pointer names is removed only by :meth:`ModelStore.garbage_collect`, which spares what
+the caller says still waits.
 
 What always holds, whenever the process is killed:
 
@@ -259,6 +269,7 @@ class ModelStore:
         self.pointers_dir = self.root / "pointers"
         self.probation_dir = self.root / "probation"
         self.tmp_dir = self.root / "tmp"
+        self.waiting_path = self.root / "waiting.json"
         self._now = now
         self._max_bundle_bytes = max_bundle_bytes
         self._lock = threading.Lock()
@@ -374,8 +385,10 @@ class ModelStore:
         self._write_json(self._pointer_path(model_name), body, f"the pointer of {model_name}")
 
     def _write_json(self, path: Path, body: dict[str, Any], what: str) -> None:
+        self._write_bytes(path, json.dumps(body, indent=1, sort_keys=True).encode(), what)
+
+    def _write_bytes(self, path: Path, data: bytes, what: str) -> None:
         """Replace ``path`` atomically: draft in tmp/, fsync, rename, fsync the folder."""
-        data = json.dumps(body, indent=1, sort_keys=True).encode()
         draft = self.temp_path(prefix=f"{path.parent.name}-{path.stem}-")
         try:
             with draft.open("wb") as f:
@@ -534,6 +547,35 @@ class ModelStore:
                     _fsync_dir(self.probation_dir)
             except OSError as e:
                 raise StoreError(f"cannot remove the probation marker of {model_name}: {e}") from e
+
+    # -- the desired state that waits for its install window
+
+    def keep_waiting(self, payload: bytes) -> None:
+        """Keep the desired state whose staged bundles wait (replaces any kept before)."""
+        try:
+            if self.waiting_path.read_bytes() == payload:
+                return
+        except OSError:
+            pass
+        self._write_bytes(self.waiting_path, payload, "the waiting desired state")
+
+    def waiting(self) -> bytes | None:
+        """The kept desired state, as received (not verified here), or None."""
+        try:
+            return self.waiting_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise StoreError(f"cannot read the waiting desired state: {e}") from e
+
+    def forget_waiting(self) -> None:
+        """Nothing waits any more: remove the kept desired state."""
+        try:
+            if self.waiting_path.exists():
+                self.waiting_path.unlink()
+                _fsync_dir(self.root)
+        except OSError as e:
+            raise StoreError(f"cannot remove the waiting desired state: {e}") from e
 
     # -- start-up
 

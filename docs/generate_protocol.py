@@ -63,8 +63,10 @@ from shared.messages import (
     DeviceState,
     Event,
     EventKind,
+    FeedbackReport,
     KeyEntry,
     Keyring,
+    LabelledOutcome,
     LatencyHistogram,
     ModelWindow,
     Presence,
@@ -72,6 +74,7 @@ from shared.messages import (
     Resources,
     RunningModel,
     RuntimeInfo,
+    SampleBatch,
     TelemetryReport,
     UpdateOutcome,
     UpdateResult,
@@ -138,6 +141,8 @@ MESSAGE_CLASSES: tuple[type[Message], ...] = (
     TelemetryReport,
     BlockRequest,
     BlockHeader,
+    FeedbackReport,
+    SampleBatch,
     BundleManifest,
 )
 """Every top-level message of the contract, in the order the document presents them."""
@@ -152,6 +157,8 @@ _CARRIED_BY: dict[type[Message], Channel | str] = {
     TelemetryReport: Channel.TELEMETRY,
     BlockRequest: Channel.ARTIFACT_REQUEST,
     BlockHeader: Channel.ARTIFACT_BLOCK,
+    FeedbackReport: Channel.FEEDBACK,
+    SampleBatch: Channel.SAMPLES,
     BundleManifest: f"inside `{MANIFEST_MEMBER}` of a model bundle (never on MQTT)",
 }
 
@@ -419,6 +426,30 @@ def examples() -> dict[str, Message]:
             length=0,
             total_length=0,
             error="unknown artifact",
+        ),
+        "feedback": FeedbackReport(
+            device_id=EXAMPLE_DEVICE_ID,
+            outcomes=[
+                LabelledOutcome(
+                    prediction_id="3f9a1c07be52-18211",
+                    model_name=manifest.model_name,
+                    model_version=manifest.model_version,
+                    predicted_label="normal",
+                    true_label="anomaly",
+                    predicted_at=datetime(2026, 11, 30, 8, 2, 11, tzinfo=UTC),
+                    labelled_at=datetime(2026, 11, 30, 8, 40, tzinfo=UTC),
+                )
+            ],
+        ),
+        "samples": SampleBatch(
+            device_id=EXAMPLE_DEVICE_ID,
+            seq=1284,
+            model_name=manifest.model_name,
+            model_version=manifest.model_version,
+            target=manifest.target,
+            window_end=datetime(2026, 11, 30, 8, 5, tzinfo=UTC),
+            rows=[[21.0, 0.75], [25.5, 2.5]],
+            prediction_ids=["3f9a1c07be52-18211", None],
         ),
         "bundle_manifest": manifest,
     }
@@ -838,7 +869,10 @@ def _messages() -> list[str]:
         "`TelemetryReport` by `(device_id, seq)` where `seq` increases strictly, across",
         "restarts too, so it must be persisted; `DeviceState` and `Presence` are retained",
         "states, the latest wins; a re-delivered `DesiredMessage` is recognised by the trust",
-        "rules; artifact blocks are placed by offset.",
+        "rules; artifact blocks are placed by offset; a `FeedbackReport`'s outcomes by",
+        "`(device_id, prediction_id)` -- the first label of a prediction counts; a",
+        "`SampleBatch` by `(device_id, seq, model_name, part)`, where `seq` is that of the",
+        "telemetry report of the window the rows were captured in.",
         "",
     ]
     for cls in MESSAGE_CLASSES:

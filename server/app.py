@@ -39,17 +39,21 @@ from paho.mqtt.enums import CallbackAPIVersion
 from server import __version__
 from server.api.deps import get_now
 from server.api.routes import (
+    alerts,
     datasets,
     delivery,
     devices,
     drift,
     enrollment,
+    feedback,
     groups,
     health,
     keyring,
     models,
+    retraining,
     rollouts,
     runs,
+    samples,
 )
 from server.artifacts import ArtifactStore
 from server.brokerconf.hooks import STATE_ATTRIBUTE as BROKER_CONFIG_STATE
@@ -60,6 +64,7 @@ from server.drift.retention import RetentionJob, RetentionPolicy
 from server.errors import ConfigurationError, ServerError
 from server.fleet.inventory import InventoryHook, start_inventory_consumer
 from server.ingest.telemetry import TelemetryIngestor
+from server.ingest.workers import IngestWorkers, device_consumers, server_worker_specs
 from server.keys import FleetKeys, init_keys, load_fleet_keys, record_keyring
 from server.profiles import DEFAULT_PROFILES_DIR, load_profiles
 from server.rollouts.desired import DesiredPublisher
@@ -221,7 +226,12 @@ def _start_broker_services(
         starter.begin()
         stack.callback(starter.close)
         app.state.block_server = blocks
-    if settings.telemetry_ingestor:
+    if settings.telemetry_ingestor and settings.ingest_workers > 1:
+        workers = IngestWorkers(server_worker_specs(settings))
+        workers.start()
+        stack.callback(workers.stop)
+        app.state.ingest_workers = workers
+    elif settings.telemetry_ingestor:
         ingestor = TelemetryIngestor(
             engine,
             host=broker.host,
@@ -230,6 +240,7 @@ def _start_broker_services(
             client_factory=broker.factory(
                 settings.ingest_client_id, clean_session=False, manual_ack=True
             ),
+            consumers=device_consumers(samples_retention_days=settings.samples_retention_days),
         )
         ingestor.start()
         stack.callback(ingestor.stop)
@@ -290,6 +301,7 @@ def create_app(
             app.state.desired_publisher = None
             app.state.block_server = None
             app.state.telemetry_ingestor = None
+            app.state.ingest_workers = None
             app.state.rollout_engine = None
             runner = None
             if settings.run_jobs:
@@ -311,6 +323,40 @@ def create_app(
             retention.start()
             stack.callback(retention.stop)
             app.state.retention_job = retention
+            # Alert rules and retraining policies, judged every alert_interval_seconds on
+            # the drift rollups, the inventory and labelled feedback; their webhooks go
+            # out on a thread of their own.
+            app.state.alert_evaluator = None
+            if settings.alert_evaluator:
+                from server.alerts.evaluate import EvaluationContext
+                from server.alerts.evaluator import AlertEvaluator
+                from server.alerts.webhook import WebhookPolicy
+                from server.feedback.service import accuracy
+                from server.retraining.engine import RetrainingStep
+
+                sla_profiles = load_profiles(settings.profiles_dir or DEFAULT_PROFILES_DIR)
+                context = EvaluationContext(
+                    store=app.state.artifacts,
+                    keys=keys,
+                    latency_sla_ms={n: p.latency_sla_ms_p95 for n, p in sla_profiles.items()},
+                    accuracy_source=accuracy,
+                )
+                evaluator = AlertEvaluator(
+                    engine,
+                    context=context,
+                    clock=now_of,
+                    interval=settings.alert_interval_seconds,
+                    webhook=WebhookPolicy(
+                        timeout_seconds=settings.alert_webhook_timeout_seconds,
+                        max_attempts=settings.alert_webhook_max_attempts,
+                        backoff_min_seconds=settings.alert_webhook_backoff_min_seconds,
+                        backoff_max_seconds=settings.alert_webhook_backoff_max_seconds,
+                    ),
+                    steps=[RetrainingStep(engine, context=context)],
+                )
+                evaluator.start()
+                stack.callback(evaluator.stop)
+                app.state.alert_evaluator = evaluator
             # A Mosquitto configured by `edgefleet broker-config` is brought in step with
             # the fleet's credentials now, not only at the next enrollment.
             setattr(app.state, BROKER_CONFIG_STATE, start_broker_config_writer(engine, settings))
@@ -360,8 +406,13 @@ def create_app(
         devices.router,
         groups.router,
         drift.router,
+        feedback.router,
+        samples.router,
         rollouts.router,
         rollouts.pins_router,
+        alerts.rules_router,
+        alerts.router,
+        retraining.router,
     ):
         app.include_router(router, prefix=API_PREFIX)
     return app

@@ -15,13 +15,18 @@ import typer
 from rich.console import Console
 
 from server import __version__
+from server.commands import alerts as alerts_commands
 from server.commands import broker as broker_commands
 from server.commands import datasets as datasets_commands
 from server.commands import devices as devices_commands
 from server.commands import drift as drift_commands
+from server.commands import feedback as feedback_commands
 from server.commands import groups as groups_commands
+from server.commands import ingest as ingest_commands
 from server.commands import models as models_commands
+from server.commands import retraining as retraining_commands
 from server.commands import rollouts as rollouts_commands
+from server.commands import samples as samples_commands
 from server.commands import simulate as simulate_commands
 from server.commands import tokens as tokens_commands
 from server.commands import train as train_commands
@@ -36,6 +41,7 @@ app = typer.Typer(
 keys_app = typer.Typer(help="The fleet's signing keys (root, online keys, keyring).")
 app.add_typer(keys_app, name="keys")
 app.add_typer(datasets_commands.app, name="datasets")
+datasets_commands.app.add_typer(samples_commands.app, name="samples")
 app.command("train", help="Start a training run on a dataset version (--wait shows its progress).")(
     train_commands.train
 )
@@ -53,6 +59,12 @@ app.command(
 app.command("broker-config")(broker_commands.broker_config)
 app.command("drift", help="A model's fleet drift and SLA view (features, devices, latency).")(
     drift_commands.drift
+)
+app.add_typer(feedback_commands.app, name="feedback")
+app.add_typer(alerts_commands.app, name="alerts")
+app.add_typer(retraining_commands.app, name="retraining")
+app.command("ingest", help="Run N ingestion worker processes on a shared subscription.")(
+    ingest_commands.ingest
 )
 
 err = Console(stderr=True)

@@ -232,7 +232,11 @@ class TargetArtifact(SQLModel, table=True):
     )
 
 
+import server.alerts.models  # noqa: E402  (alert rules, alerts, webhook deliveries)
 import server.drift.models  # noqa: E402  (drift rollups, layouts, retention marks)
+import server.feedback.models  # noqa: E402  (labels for past predictions)
 import server.fleet.models  # noqa: E402  (the fleet's tables, on the same metadata)
 import server.ingest.models  # noqa: E402  (ingested telemetry, on the same metadata)
-import server.rollouts.models  # noqa: E402, F401  (rollouts, manifests, pins, events)
+import server.retraining.models  # noqa: E402  (retraining policies and decisions)
+import server.rollouts.models  # noqa: E402  (rollouts, manifests, pins, events)
+import server.samples.models  # noqa: E402, F401  (captured input samples from devices)

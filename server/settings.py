@@ -114,6 +114,21 @@ class Settings(BaseSettings):
     ingest_share_group: str | None = Field(
         None, description="shared-subscription group, when several processes ingest"
     )
+    samples_retention_days: int = Field(
+        30,
+        ge=1,
+        le=3650,
+        description="days captured device samples are kept (by the end of the window they "
+        "came from); dataset versions made of them keep their copy",
+    )
+    ingest_workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="ingestion processes: 1 ingests inside the server; more start that many "
+        "worker processes on a shared subscription (group ingest_share_group, default 'ingest'), "
+        "with client ids made from ingest_client_id (edgefleet-ingest-0@server, ...)",
+    )
     broker_username: str = Field(
         "server@edgefleet",
         pattern=r"^[A-Za-z0-9._@+-]{1,128}$",
@@ -131,6 +146,27 @@ class Settings(BaseSettings):
     )
     broker_pid_file: Path | None = Field(
         None, description="Mosquitto's pid file: the server sends SIGHUP after each change"
+    )
+
+    alert_evaluator: bool = Field(
+        True,
+        description="evaluate alert rules and retraining policies in this process "
+        "(off for API-only replicas; several evaluators never duplicate an alert)",
+    )
+    alert_interval_seconds: float = Field(
+        60.0, gt=0, le=3600, description="how often every alert rule and policy is evaluated"
+    )
+    alert_webhook_timeout_seconds: float = Field(
+        10.0, gt=0, le=120, description="a webhook receiver's time to answer one POST"
+    )
+    alert_webhook_max_attempts: int = Field(
+        8, ge=1, le=100, description="attempts of one webhook delivery before it is failed"
+    )
+    alert_webhook_backoff_min_seconds: float = Field(
+        5.0, gt=0, le=3600, description="wait after a webhook's first failed attempt (doubles)"
+    )
+    alert_webhook_backoff_max_seconds: float = Field(
+        600.0, gt=0, le=86400, description="longest wait between a webhook's attempts"
     )
 
     @model_validator(mode="after")
@@ -169,6 +205,15 @@ class Settings(BaseSettings):
                     f"EDGEFLEET_BROKER_PASSWORD must be at least {_MIN_BROKER_PASSWORD} "
                     "characters in prod mode"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _webhook_backoff_in_order(self) -> Settings:
+        if self.alert_webhook_backoff_min_seconds > self.alert_webhook_backoff_max_seconds:
+            raise ValueError(
+                "EDGEFLEET_ALERT_WEBHOOK_BACKOFF_MIN_SECONDS must not exceed "
+                "EDGEFLEET_ALERT_WEBHOOK_BACKOFF_MAX_SECONDS"
+            )
         return self
 
     @property

@@ -12,6 +12,8 @@ message                topic channel / use          signed
 :class:`TelemetryReport` ``telemetry``               no
 :class:`BlockRequest`   ``artifact/req``             no
 :class:`BlockHeader`    ``artifact/blk`` (framed)    no; the artifact is hashed
+:class:`FeedbackReport`  ``feedback``                no
+:class:`SampleBatch`    ``samples``                  no
 =====================  ==========================  ===========================
 
 Device-to-server messages carry the sender's ``device_id``; the server checks it
@@ -24,10 +26,20 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, AwareDatetime, Field, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    StringConstraints,
+    model_serializer,
+    model_validator,
+)
 
 from shared.drift import DriftSketch
 from shared.errors import MessageError, PayloadTooLargeError
@@ -37,6 +49,9 @@ from shared.signing import Envelope, VerifyKey, key_id
 from shared.topics import check_device_id
 
 __all__ = [
+    "MAX_OUTCOMES_PER_REPORT",
+    "MAX_SAMPLE_FEATURES",
+    "MAX_SAMPLE_ROWS",
     "ArtifactRef",
     "BlockHeader",
     "BlockRequest",
@@ -46,8 +61,11 @@ __all__ = [
     "DeviceState",
     "Event",
     "EventKind",
+    "FeedbackReport",
+    "InstallWindow",
     "KeyEntry",
     "Keyring",
+    "LabelledOutcome",
     "LatencyHistogram",
     "ModelWindow",
     "Presence",
@@ -55,6 +73,7 @@ __all__ = [
     "Resources",
     "RunningModel",
     "RuntimeInfo",
+    "SampleBatch",
     "TelemetryReport",
     "UpdateOutcome",
     "UpdateResult",
@@ -70,6 +89,7 @@ DeviceId = Annotated[
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
 ShortText = Annotated[str, StringConstraints(max_length=1024)]
+TimeOfDay = Annotated[str, StringConstraints(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")]
 
 # ----------------------------------------------------------------------------- trust documents
 
@@ -136,14 +156,79 @@ class ArtifactRef(ContractModel):
     )
 
 
+class InstallWindow(ContractModel):
+    """A daily window, in UTC, inside which a device may change what it runs.
+
+    ``start`` is inclusive and ``end`` exclusive, both ``HH:MM``; an ``end`` before
+    ``start`` wraps midnight (``22:00``-``02:00``); the two are never equal. The device
+    judges the window by its own clock.
+    """
+
+    model_config = ConfigDict(frozen=True)  # a value: hashable, compared by its times
+
+    start: TimeOfDay
+    end: TimeOfDay
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> InstallWindow:
+        if self.start == self.end:
+            raise ValueError("start and end are the same: the window would be empty")
+        return self
+
+    def _minutes(self) -> tuple[int, int]:
+        (h1, m1), (h2, m2) = (map(int, t.split(":")) for t in (self.start, self.end))
+        return h1 * 60 + m1, h2 * 60 + m2
+
+    def contains(self, moment: datetime) -> bool:
+        """Whether ``moment`` (timezone-aware) falls inside the window."""
+        if moment.tzinfo is None:
+            raise ValueError("moment must be timezone-aware")
+        utc = moment.astimezone(UTC)
+        minute = utc.hour * 60 + utc.minute
+        start, end = self._minutes()
+        if start < end:
+            return start <= minute < end
+        return minute >= start or minute < end
+
+    def next_opening(self, moment: datetime) -> datetime:
+        """``moment`` itself when the window is open then, else the window's next start."""
+        if self.contains(moment):
+            return moment
+        utc = moment.astimezone(UTC)
+        start, _ = self._minutes()
+        opening = utc.replace(hour=start // 60, minute=start % 60, second=0, microsecond=0)
+        return opening if opening > utc else opening + timedelta(days=1)
+
+    def __str__(self) -> str:
+        return f"{self.start}-{self.end} UTC"
+
+
 class Deployment(ContractModel):
-    """One model version the device must run, in its variant for the device's profile."""
+    """One model version the device must run, in its variant for the device's profile.
+
+    With an ``install_window`` the device fetches, verifies, self-tests and stages the
+    artifact at once but activates it only inside the window (a ``staged`` event and
+    update result say it waits); without one it activates as soon as it is ready. The
+    field is left out of the payload when there is no window, so such payloads are
+    byte for byte what they were before it existed. An agent that predates the field
+    keeps it as an unknown field and activates at once.
+    """
 
     kind: Literal["model"] = "model"
     model_name: Name
     model_version: int = Field(ge=1)
     target: Name = Field(description="the profile this variant was built for")
     artifact: ArtifactRef
+    install_window: InstallWindow | None = Field(
+        None, description="fetch and stage now, activate only inside this window; absent: at once"
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_window(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if isinstance(data, dict) and "install_window" in data and data["install_window"] is None:
+            del data["install_window"]
+        return data
 
 
 class DesiredState(Message):
@@ -202,6 +287,7 @@ class RunningModel(ContractModel):
 
 class UpdateOutcome(StrEnum):
     ACTIVATED = "activated"
+    STAGED = "staged"
     REJECTED = "rejected"
     FAILED = "failed"
     ROLLED_BACK = "rolled_back"
@@ -256,6 +342,7 @@ class EventKind(StrEnum):
     DOWNLOADING = "downloading"
     DOWNLOADED = "downloaded"
     VERIFIED = "verified"
+    STAGED = "staged"
     ACTIVATED = "activated"
     REJECTED = "rejected"
     HEALTH_CHECK_PASSED = "health_check_passed"
@@ -421,3 +508,92 @@ def decode_block(frame: bytes | bytearray | memoryview) -> tuple[BlockHeader, by
     if header.block_sha256 is not None and hashlib.sha256(data).hexdigest() != header.block_sha256:
         raise MessageError("block data does not match its block_sha256")
     return header, data
+
+
+# ----------------------------------------------------------------------------- feedback and samples
+
+PredictionId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,64}$")]
+LabelName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+
+MAX_OUTCOMES_PER_REPORT = 256
+"""Labelled outcomes one :class:`FeedbackReport` may carry."""
+MAX_SAMPLE_ROWS = 4096
+"""Rows one :class:`SampleBatch` may carry (its byte limit usually binds first)."""
+MAX_SAMPLE_FEATURES = 65_536
+"""Values per sample row: the most features a dataset may have."""
+
+
+class LabelledOutcome(ContractModel):
+    """The ground truth for one prediction a device served, and what the model answered."""
+
+    prediction_id: PredictionId = Field(
+        description="the id the device's local API gave the prediction; unique per device"
+    )
+    model_name: Name
+    model_version: int = Field(ge=1)
+    predicted_label: LabelName = Field(
+        description="the label the model answered (its class index as text where it names none)"
+    )
+    true_label: LabelName = Field(description="the correct label, from the same label set")
+    predicted_at: AwareDatetime | None = Field(None, description="when the prediction was served")
+    labelled_at: AwareDatetime = Field(description="when the label was given")
+
+
+class FeedbackReport(Message):
+    """Labelled outcomes of a device's predictions, forwarded through its outbox.
+
+    Each outcome is ingested once per ``(device_id, prediction_id)``: the first label a
+    prediction gets counts; a redelivered report changes nothing.
+    """
+
+    SCHEMA: ClassVar[str] = "ef.feedback"
+    MAX_BYTES: ClassVar[int] = 128 * 1024
+
+    device_id: DeviceId
+    outcomes: list[LabelledOutcome] = Field(min_length=1, max_length=MAX_OUTCOMES_PER_REPORT)
+
+    @model_validator(mode="after")
+    def _unique_predictions(self) -> FeedbackReport:
+        ids = [o.prediction_id for o in self.outcomes]
+        if len(set(ids)) != len(ids):
+            raise ValueError("a prediction_id appears twice in one report")
+        return self
+
+
+class SampleBatch(Message):
+    """Raw input rows a device captured (opt-in) from one model's share of one telemetry
+    window -- all of them, or part ``part`` of ``parts`` when they did not fit one payload.
+
+    Ingested once per ``(device_id, seq, model_name, part)``. ``prediction_ids[i]`` is the
+    id row ``i`` was answered under (None where it had none), so the row can be joined
+    with a label posted for that prediction later.
+    """
+
+    SCHEMA: ClassVar[str] = "ef.samples"
+    MAX_BYTES: ClassVar[int] = 256 * 1024
+
+    device_id: DeviceId
+    seq: int = Field(ge=0, description="the seq of the telemetry report of the window")
+    part: int = Field(0, ge=0)
+    parts: int = Field(1, ge=1, le=1024)
+    model_name: Name
+    model_version: int = Field(ge=1)
+    target: Name
+    window_end: AwareDatetime
+    rows: list[list[float]] = Field(
+        min_length=1, max_length=MAX_SAMPLE_ROWS, description="raw rows, before preprocessing"
+    )
+    prediction_ids: list[PredictionId | None] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SampleBatch:
+        if self.part >= self.parts:
+            raise ValueError(f"part {self.part} is not below parts ({self.parts})")
+        width = len(self.rows[0])
+        if not 1 <= width <= MAX_SAMPLE_FEATURES:
+            raise ValueError(f"a row must hold 1 to {MAX_SAMPLE_FEATURES} values")
+        if any(len(row) != width for row in self.rows):
+            raise ValueError("every row must hold the same number of values")
+        if self.prediction_ids is not None and len(self.prediction_ids) != len(self.rows):
+            raise ValueError("prediction_ids must hold one entry per row")
+        return self

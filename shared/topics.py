@@ -47,6 +47,8 @@ class Channel(StrEnum):
     TELEMETRY = "telemetry"
     ARTIFACT_REQUEST = "artifact/req"
     ARTIFACT_BLOCK = "artifact/blk"
+    FEEDBACK = "feedback"
+    SAMPLES = "samples"
 
 
 class Direction(StrEnum):
@@ -79,6 +81,12 @@ CHANNELS: dict[Channel, ChannelSpec] = {
     ),
     Channel.ARTIFACT_BLOCK: ChannelSpec(
         Direction.TO_DEVICE, 1, False, "artifact blocks (binary frame)"
+    ),
+    Channel.FEEDBACK: ChannelSpec(
+        Direction.FROM_DEVICE, 1, False, "ground-truth labels for past predictions"
+    ),
+    Channel.SAMPLES: ChannelSpec(
+        Direction.FROM_DEVICE, 1, False, "captured input samples (opt-in), keyed by window seq"
     ),
 }
 

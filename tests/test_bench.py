@@ -63,3 +63,16 @@ def test_rollout_bench_quick_delivers_every_byte_once() -> None:
     assert delivered.rstrip().endswith("pass"), out
     for figure in ("rollout start → all activated", "server CPU per device"):
         assert figure in out, out
+
+
+@pytest.mark.slow
+@pytest.mark.broker
+def test_ingest_bench_quick_stores_every_report_once_and_prints_its_figures() -> None:
+    """Two worker processes drain a Mosquitto backlog into SQLite; the bench itself checks
+    that every report and every rollup count was stored exactly once (rates are printed)."""
+    out = run("ingest.py")
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in out.splitlines() if "|" in line}
+    assert lines["stored exactly once (reports, rollup inferences)"].rstrip(" |").endswith("pass")
+    assert lines["split between the workers (messages received)"].rstrip(" |").endswith("pass")
+    sustained = next(v for k, v in lines.items() if k.startswith("sustained ingestion, 2 worker"))
+    assert "bare paho subscriber" in sustained, out

@@ -23,6 +23,11 @@ What always holds:
   too. A report older than the raw-retention mark is refused as ``expired``; a drift
   sketch that does not fit its reference's layout is counted as ``drift_layout`` (the
   rest of its report is kept).
+- More device channels ride along (:mod:`server.ingest.consumers`): each
+  :class:`~server.ingest.consumers.ChannelConsumer` given is subscribed to on the same
+  connection and shared-subscription group, and its messages are validated, refused
+  for unaccepted devices, stored in the batch's transaction and acknowledged after
+  the commit -- exactly as reports are.
 """
 
 from __future__ import annotations
@@ -33,10 +38,10 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -51,6 +56,9 @@ from server.ingest.models import IngestDrop, ModelWindowRecord, TelemetryRecord
 from shared.errors import ContractError, PayloadTooLargeError
 from shared.messages import TelemetryReport
 from shared.topics import Channel, fleet_filter, parse_topic
+
+if TYPE_CHECKING:
+    from server.ingest.consumers import ChannelConsumer, DeviceMessage
 
 __all__ = ["IngestRejected", "IngestStats", "TelemetryIngestor", "parse_report", "store_reports"]
 
@@ -263,8 +271,14 @@ class TelemetryIngestor:
         flush_interval: float = 0.2,
         max_queue: int = 50_000,
         client_factory: Callable[[], mqtt.Client] | None = None,
+        consumers: Sequence[ChannelConsumer] = (),
+        write_lock: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
     ) -> None:
         self.engine = engine
+        self._write_lock = write_lock or contextlib.nullcontext
+        self.consumers = {consumer.channel: consumer for consumer in consumers}
+        if Channel.TELEMETRY in self.consumers or len(self.consumers) != len(consumers):
+            raise ValueError("each channel needs one consumer, and telemetry is the ingestor's own")
         self.host, self.port = host, port
         self.share_group = share_group
         self.batch_size = batch_size
@@ -286,15 +300,30 @@ class TelemetryIngestor:
             )
         if username is not None:
             self._client.username_pw_set(username, password)
+        self.subscribed = threading.Event()
+        """Set once the broker granted every subscription (cleared while reconnecting)."""
         self._client.on_connect = self._on_connect
+        self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
         self._client.reconnect_delay_set(0.5, 30)
 
     # -- paho's thread: enqueue only, never raise
 
     def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        self.subscribed.clear()
         if not reason.is_failure:
-            client.subscribe(fleet_filter(Channel.TELEMETRY, share_group=self.share_group), qos=1)
+            client.subscribe(
+                [
+                    (fleet_filter(channel, share_group=self.share_group), 1)
+                    for channel in (Channel.TELEMETRY, *self.consumers)
+                ]
+            )
+
+    def _on_subscribe(self, _c: mqtt.Client, _u: Any, _mid: int, codes: Any, _p: Any) -> None:
+        if codes and not any(code.is_failure for code in codes):
+            self.subscribed.set()
+        else:
+            log.error("the broker refused an ingest subscription: %s", codes)
 
     def _on_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
         try:
@@ -358,16 +387,32 @@ class TelemetryIngestor:
                     self._stats.errors += 1
                 time.sleep(1.0)
 
+    def _consumer_of(self, topic: str) -> ChannelConsumer | None:
+        for channel, consumer in self.consumers.items():
+            if topic.endswith(f"/{channel.value}"):
+                return consumer
+        return None
+
     def _write(self, batch: list[tuple[str, bytes, int, int]]) -> None:
         reports: list[TelemetryReport] = []
+        others: dict[Channel, list[DeviceMessage]] = {}
         drops: list[IngestRejected] = []
         for topic, payload, _mid, _qos in batch:
+            consumer = self._consumer_of(topic)
             try:
-                reports.append(parse_report(topic, payload))
+                if consumer is None:
+                    reports.append(parse_report(topic, payload))
+                else:
+                    others.setdefault(consumer.channel, []).append(consumer.parse(topic, payload))
             except IngestRejected as e:
                 drops.append(e)
-        with Session(self.engine) as session:
-            known = accepted_devices(session, (r.device_id for r in reports))
+        stored = duplicates = 0
+        with self._write_lock(), Session(self.engine) as session:
+            known = accepted_devices(
+                session,
+                [r.device_id for r in reports]
+                + [m.device_id for messages in others.values() for m in messages],
+            )
             for report in reports:
                 if report.device_id not in known:
                     drops.append(
@@ -379,6 +424,24 @@ class TelemetryIngestor:
                     )
             reports = [r for r in reports if r.device_id in known]
             stored = store_reports(session, reports)
+            duplicates = len(reports) - stored
+            now = utcnow()
+            for channel, messages in others.items():
+                for message in messages:
+                    if message.device_id not in known:
+                        drops.append(
+                            IngestRejected(
+                                "unknown_device",
+                                message.device_id,
+                                f"{message.device_id!r} is not an accepted device of this fleet",
+                            )
+                        )
+                result = self.consumers[channel].store(
+                    session, [m for m in messages if m.device_id in known], now=now
+                )
+                stored += result.stored
+                duplicates += result.duplicates
+                drops.extend(result.drops)
             if drops:
                 record_drops(session, drops, at=utcnow())
             session.commit()
@@ -393,6 +456,6 @@ class TelemetryIngestor:
         with self._lock:
             self._stats.received += len(batch)
             self._stats.stored += stored
-            self._stats.duplicates += len(reports) - stored
+            self._stats.duplicates += duplicates
             self._stats.dropped += len(drops)
             self._stats.batches += 1

@@ -28,13 +28,19 @@ What always holds:
   id), so the canary is a spread of the group, and the same on every replica.
 - Targeting, first attempts and retries alike, never exceeds ``max_devices_per_minute``
   in any 60-second window: each step counts the targeting times of the minute before.
-  A step told ``may_target=False`` (outside the group's maintenance window) starts no
-  attempt at all.
-- A device that reports no progress for ``device_timeout`` after it was targeted ends
-  ``timed_out``, which the activation gate counts as a failure: no device holds a
-  rollout forever. Reported failures are retried with exponential backoff up to
-  ``max_attempts``; the last one ends ``failed``. Both are moved back to the version
-  they ran before (:class:`RevertDevice`).
+  A step told ``may_target=False`` starts no attempt at all.
+- Install windows: a step given the group's ``install_window`` targets at any time and
+  records the window on each attempt it starts (:attr:`Assignment.install_window`):
+  the device downloads ahead and activates only inside it. An attempt's per-device
+  timeout runs from the device's last progress or, when the attempt's window was
+  closed at that moment, from the window's next opening -- the wait for the window
+  never counts. While a device's latest report is ``staged`` it is waiting for its
+  window (:attr:`Assignment.waiting_for_window`).
+- A device that reports no progress for ``device_timeout`` after it was targeted (as
+  counted above) ends ``timed_out``, which the activation gate counts as a failure: no
+  device holds a rollout forever. Reported failures are retried with exponential
+  backoff up to ``max_attempts``; the last one ends ``failed``. Both are moved back to
+  the version they ran before (:class:`RevertDevice`).
 - Outcomes ``failed``, ``timed_out`` and ``rolled_back`` are final; ``activated`` turns
   into ``rolled_back`` only by an abort. ``excluded`` is re-decided at every step for
   devices not yet targeted.
@@ -53,7 +59,7 @@ import itertools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from fractions import Fraction
 from typing import Annotated, Self
@@ -70,10 +76,11 @@ from pydantic import (
 
 from server.rollouts.errors import InvalidRolloutError, RolloutStateError
 from server.rollouts.gates import DeviceWindows, HealthReport, HealthThresholds, evaluate_gates
-from shared.messages import EventKind, ModelWindow
+from shared.messages import EventKind, InstallWindow, ModelWindow
 
 __all__ = [
     "RATE_WINDOW",
+    "WAITING_FOR_WINDOW",
     "Action",
     "Assignment",
     "DeviceOutcome",
@@ -107,6 +114,8 @@ __all__ = [
 
 RATE_WINDOW = timedelta(minutes=1)
 """The window ``max_devices_per_minute`` is counted over."""
+WAITING_FOR_WINDOW = "waiting_for_window"
+"""The ``reason`` of a device that staged its update and waits for its install window."""
 
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
 
@@ -374,6 +383,12 @@ class Assignment(BaseModel):
     confirmed_at: AwareDatetime | None = Field(
         None, description="when a rolled-back device was seen on its previous version"
     )
+    install_window: InstallWindow | None = Field(
+        None, description="the window the latest attempt's desired state names (group's)"
+    )
+    staged_at: AwareDatetime | None = Field(
+        None, description="while it waits for its install window: when it reported staged"
+    )
 
     @property
     def targeted(self) -> bool:
@@ -383,6 +398,11 @@ class Assignment(BaseModel):
     def in_progress(self) -> bool:
         """Targeted, no outcome yet, and not waiting for a retry."""
         return self.targeted and self.outcome is None and self.next_retry_at is None
+
+    @property
+    def waiting_for_window(self) -> bool:
+        """In progress, with its update staged, waiting for its install window."""
+        return self.in_progress and self.staged_at is not None
 
     def moved(self, model_version: int) -> bool:
         """Its desired state names the rollout's version, which it did not run before."""
@@ -416,9 +436,10 @@ class RolloutState(BaseModel):
     gate_report: HealthReport | None = None
 
     def counts(self) -> dict[str, int]:
-        """Devices per outcome, plus ``in_progress`` and ``retry_pending``."""
+        """Devices per outcome, plus ``in_progress`` and ``retry_pending``, and
+        ``waiting_for_window``: those of ``in_progress`` that wait for their window."""
         result: dict[str, int] = {o.value: 0 for o in DeviceOutcome}
-        result["in_progress"] = result["retry_pending"] = 0
+        result["in_progress"] = result["retry_pending"] = result[WAITING_FOR_WINDOW] = 0
         for a in self.devices.values():
             if a.outcome is not None:
                 result[a.outcome.value] += 1
@@ -426,6 +447,7 @@ class RolloutState(BaseModel):
                 result["retry_pending"] += 1
             elif a.targeted:
                 result["in_progress"] += 1
+                result[WAITING_FOR_WINDOW] += a.waiting_for_window
         return result
 
 
@@ -519,9 +541,16 @@ class StepResult:
 class _Work:
     """A mutable working copy of one state for the length of one step or command."""
 
-    def __init__(self, spec: RolloutSpec, state: RolloutState, now: datetime) -> None:
+    def __init__(
+        self,
+        spec: RolloutSpec,
+        state: RolloutState,
+        now: datetime,
+        install_window: InstallWindow | None = None,
+    ) -> None:
         self.spec = spec
         self.now = now
+        self.install_window = install_window
         self.version = spec.model_version
         self.fields = state.model_dump(exclude={"devices", "gate_report"})
         self.gate_report = state.gate_report
@@ -566,18 +595,20 @@ def step(
     *,
     now: datetime,
     may_target: bool = True,
+    install_window: InstallWindow | None = None,
 ) -> StepResult:
     """Advance the rollout as far as ``now`` and the signals allow.
 
     ``members``: the group's current members (excluded ones included, with their
     :class:`Exclusion`). ``signals``: by device id; a device without an entry has
-    reported nothing. ``may_target=False`` (outside the group's maintenance window)
-    starts no attempt -- neither new targets nor due retries -- while outcomes, gates,
-    timeouts and phase changes go on as usual.
+    reported nothing. ``may_target=False`` starts no attempt -- neither new targets nor
+    due retries -- while outcomes, gates, timeouts and phase changes go on as usual.
+    ``install_window``: the group's maintenance window, recorded on every attempt this
+    step starts (see the module docstring for what it changes).
     """
     if state.status.is_final:
         return StepResult(state=state, actions=())
-    work = _Work(spec, state, now)
+    work = _Work(spec, state, now, install_window)
     if work.status is RolloutStatus.PENDING:
         if spec.start_at is not None and now < spec.start_at:
             return work.result()
@@ -661,6 +692,19 @@ def _relevant(work: _Work, update: UpdateReport, since: datetime) -> bool:
     return update.model_version is None or update.model_version == work.version
 
 
+def _timeout_from(a: Assignment, heard: datetime) -> datetime:
+    """When an attempt's timeout starts: at its last progress, unless its install window
+    was closed then -- from the window's next opening."""
+    return heard if a.install_window is None else a.install_window.next_opening(heard)
+
+
+def _waiting_detail(window: InstallWindow | None, staged_at: datetime) -> str:
+    if window is None:
+        return "staged; waits for its install window"
+    opening = window.next_opening(staged_at).astimezone(UTC)
+    return f"staged; activates in its install window {window} (opens {opening:%Y-%m-%d %H:%M} UTC)"
+
+
 def _observe(work: _Work, signals: Mapping[str, DeviceSignals]) -> None:
     """Turn signals into outcomes: activation, failure (retry or give up), timeout."""
     spec, now = work.spec, work.now
@@ -683,11 +727,13 @@ def _observe(work: _Work, signals: Mapping[str, DeviceSignals]) -> None:
                 next_retry_at=None,
                 reason=None,
                 detail=None,
+                staged_at=None,
             )
             continue
         if a.next_retry_at is not None:
             continue  # this attempt's failure is known; the retry has not started yet
         failure = next((u for u in updates if u.kind in _FAILURE), None)
+        timeout_from = _timeout_from(a, heard)
         if failure is not None:
             reason = failure.reason or failure.kind.value
             if a.attempts < spec.retry.max_attempts:
@@ -697,14 +743,33 @@ def _observe(work: _Work, signals: Mapping[str, DeviceSignals]) -> None:
                     next_retry_at=now + spec.retry.delay(a.attempts),
                     reason=reason,
                     detail=failure.detail,
+                    staged_at=None,
                 )
             else:
+                work.update(device_id, staged_at=None)
                 _give_up(work, a, DeviceOutcome.FAILED, reason, failure.detail, heard)
-        elif now >= heard + spec.device_timeout:
+        elif now >= timeout_from + spec.device_timeout:
             detail = f"no progress reported for {spec.device_timeout} after attempt {a.attempts}"
+            if timeout_from != heard:
+                opened = timeout_from.astimezone(UTC)
+                detail += f" (counted from its install window's opening, {opened:%H:%M} UTC)"
+            work.update(device_id, staged_at=None)
             _give_up(work, a, DeviceOutcome.TIMED_OUT, "timed_out", detail, heard)
-        elif heard != a.last_heard_at:
-            work.update(device_id, last_heard_at=heard)
+        else:
+            changes: dict[str, object] = {}
+            if heard != a.last_heard_at:
+                changes["last_heard_at"] = heard
+            staged = updates[-1] if updates and updates[-1].kind is EventKind.STAGED else None
+            if staged is not None and a.staged_at != staged.received_at:
+                changes.update(
+                    staged_at=staged.received_at,
+                    reason=WAITING_FOR_WINDOW,
+                    detail=_waiting_detail(a.install_window, staged.received_at),
+                )
+            elif staged is None and a.staged_at is not None:  # it moved on (activating)
+                changes.update(staged_at=None, reason=None, detail=None)
+            if changes:
+                work.update(device_id, **changes)
 
 
 def _give_up(
@@ -786,6 +851,8 @@ def _fill(
             attempts=a.attempts + 1,
             next_retry_at=None,
             last_heard_at=now,
+            install_window=work.install_window,
+            staged_at=None,
         )
         work.actions.append(RetryDevice(a.device_id, work.version, a.attempts + 1))
         _spend(work)
@@ -815,6 +882,7 @@ def _fill(
             outcome=DeviceOutcome.ACTIVATED if already else None,
             outcome_at=now if already else None,
             reason="already_running" if already else None,
+            install_window=work.install_window,
         )
         work.actions.append(TargetDevice(member.device_id, work.version, previous, work.phase))
         _spend(work)

@@ -3,11 +3,13 @@
 The pure part, in the order a caller uses it:
 
 1. :func:`rollout_claims` -- what one rollout wants each of its devices to run
-   (:class:`ModelClaim`): the new version while the device is moved, the previous one
-   after it failed, timed out or was rolled back.
+   (:class:`ModelClaim`): the new version while the device is moved, with the install
+   window its attempt was given; the previous one, at once, after it failed, timed out
+   or was rolled back.
 2. :func:`desired_content` -- one device's deployments from every claim on it and its
    pins (a pin wins; among claims the latest wins), each in the deliverable variant
-   for the device's profile (:func:`~server.rollouts.eligibility.select_variant`).
+   for the device's profile (:func:`~server.rollouts.eligibility.select_variant`) and
+   with the winning claim's install window (a pin has none: it applies at once).
 3. :func:`issue_manifest` -- whether that content needs a new manifest version, and if
    so the signed :class:`~shared.messages.DesiredMessage` as an :class:`IssuedManifest`.
 
@@ -17,11 +19,11 @@ caller's callback and then publishes it retained, QoS 1, on ``ef/v1/dev/{id}/des
 What always holds:
 
 - A manifest version names exactly one payload. A new version is issued only when the
-  content (deployments and rollout id) changes, the keyring changes, the manifest nears
-  its expiry, or a retry asks for one; it is strictly above both the last version issued
-  to the device and the last one the device reported accepting. Otherwise the last
-  issued manifest stands, byte for byte -- a device would refuse the same version with
-  other bytes as a rollback.
+  content (deployments -- their install windows included -- and rollout id) changes,
+  the keyring changes, the manifest nears its expiry, or a retry asks for one; it is
+  strictly above both the last version issued to the device and the last one the
+  device reported accepting. Otherwise the last issued manifest stands, byte for byte
+  -- a device would refuse the same version with other bytes as a rollback.
 - A manifest never outlives the keyring it ships with: ``expires_at`` is the earlier of
   ``now + lifetime`` and the keyring's expiry.
 - :func:`allowed_artifacts` is exactly the set of artifacts the device's latest signed
@@ -51,7 +53,14 @@ from server.keys import FleetKeys
 from server.rollouts.core import DeviceOutcome, RolloutSpec, RolloutState
 from server.rollouts.eligibility import ArtifactVariant, Pin, select_variant
 from server.rollouts.errors import DesiredStateError, PublishError
-from shared.messages import ArtifactRef, Deployment, DesiredMessage, DesiredState, Keyring
+from shared.messages import (
+    ArtifactRef,
+    Deployment,
+    DesiredMessage,
+    DesiredState,
+    InstallWindow,
+    Keyring,
+)
 from shared.signing import PayloadType, sign_envelope
 from shared.topics import CHANNELS, Channel, device_topic
 
@@ -89,29 +98,33 @@ DEFAULT_REFRESH_MARGIN = timedelta(days=2)
 
 @dataclass(frozen=True, slots=True)
 class ModelClaim:
-    """What one rollout wants a device to run of one model (``None``: not run it)."""
+    """What one rollout wants a device to run of one model (``None``: not run it), and
+    the window to activate it in (``None``: at once)."""
 
     device_id: str
     model_name: str
     model_version: int | None
     rollout_id: str | None
     claimed_at: datetime
+    install_window: InstallWindow | None = None
 
 
 def rollout_claims(spec: RolloutSpec, state: RolloutState) -> dict[str, ModelClaim]:
     """The claim of one rollout on each device it targeted, by device id.
 
-    Devices it moved (targeted, updating or activated) are claimed for the new version;
-    devices that failed, timed out or were rolled back, for the version they ran before.
-    Excluded devices carry no claim.
+    Devices it moved (targeted, updating or activated) are claimed for the new version,
+    in the install window of their latest attempt; devices that failed, timed out or
+    were rolled back, for the version they ran before, at once. Excluded devices carry
+    no claim.
     """
     claims = {}
     version: int | None
     for device_id, a in state.devices.items():
         if a.targeted_at is None or a.outcome is DeviceOutcome.EXCLUDED:
             continue
+        window = None
         if a.outcome in (None, DeviceOutcome.ACTIVATED):
-            version, at = spec.model_version, a.targeted_at
+            version, at, window = spec.model_version, a.targeted_at, a.install_window
         else:
             version, at = a.previous_version, a.outcome_at or a.targeted_at
         claims[device_id] = ModelClaim(
@@ -120,6 +133,7 @@ def rollout_claims(spec: RolloutSpec, state: RolloutState) -> dict[str, ModelCla
             model_version=version,
             rollout_id=spec.rollout_id,
             claimed_at=at,
+            install_window=window,
         )
     return claims
 
@@ -160,9 +174,10 @@ def desired_content(
 ) -> DesiredContent:
     """The deployments ``device_id`` should run.
 
-    Per model, a pin on the device wins; otherwise the latest claim (ties: the larger
-    rollout id). A model whose winning claim is ``None`` is left out, so the device
-    removes it. The desired state's rollout id is that of the latest claim used.
+    Per model, a pin on the device wins (at once); otherwise the latest claim (ties: the
+    larger rollout id), in that claim's install window. A model whose winning claim is
+    ``None`` is left out, so the device removes it. The desired state's rollout id is
+    that of the latest claim used.
     Raises :class:`DesiredStateError` when a chosen version has no deliverable variant
     for ``profile``.
     """
@@ -204,6 +219,7 @@ def desired_content(
                     length=variant.bundle_length,
                     url=None if artifact_url is None else artifact_url(variant.bundle_sha256),
                 ),
+                install_window=None if source is None else source.install_window,
             )
         )
     return DesiredContent(

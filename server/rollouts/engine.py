@@ -34,10 +34,15 @@ What always holds:
 - A manifest is committed to ``issued_manifests`` before it is published, and marked
   sent only after the broker's PUBACK; a failed publish is sent again later, never
   re-issued under the same version with other bytes.
-- Maintenance windows: the wire contract has no install window, so the server honours
-  a group's window by *targeting* (first attempts and retries) only while it is open;
-  outside it, outcomes, gates, timeouts and phase changes go on. A device already
-  targeted downloads and installs as soon as it hears its desired state.
+- Maintenance windows: a rollout targets the devices of a group with a window at any
+  time, at its rate limit, and each attempt's deployment carries the window as its
+  ``install_window`` (:class:`~shared.messages.InstallWindow`): the device downloads,
+  verifies and stages ahead, reports ``staged``, and activates inside the window by its
+  own clock. The core does not count the wait for the window against the per-device
+  timeout, and shows such a device as waiting for its window. The window an attempt was
+  sent stays with it (a changed group window applies to later attempts); reverts,
+  roll-backs and pins apply at once. An agent that predates the field ignores it and
+  installs at once -- the field is additive, so nothing else changes for it.
 - Restart: rollout state lives in the database; a new engine's first tick reconciles
   every device any rollout claims and then continues each rollout from its saved
   state -- a server restart mid-rollout resumes it where it was.
@@ -86,7 +91,7 @@ from server.rollouts.eligibility import ArtifactVariant, Pin
 from server.rollouts.errors import DesiredStateError, PublishError
 from server.rollouts.models import RolloutRecord
 from shared.drift import DriftSketch, PredictionSketch
-from shared.messages import LatencyHistogram, ModelWindow
+from shared.messages import InstallWindow, LatencyHistogram, ModelWindow
 
 __all__ = ["ArtifactPath", "RolloutEngine", "needs_telemetry"]
 
@@ -144,7 +149,8 @@ def _window(row: ModelWindowRecord) -> ModelWindow | None:
 
 
 def _standing_claims(record: Any) -> list[ModelClaim]:
-    """What the device's latest manifest names, as claims made when it was issued.
+    """What the device's latest manifest names, as claims made when it was issued (with
+    the install windows it named).
 
     They lose to every later claim or pin, so a model stays as it was last issued until
     something newer says otherwise: clearing a pin, say, never changes or removes a
@@ -159,6 +165,9 @@ def _standing_claims(record: Any) -> list[ModelClaim]:
             model_version=int(d["model_version"]),
             rollout_id=record.rollout_id,
             claimed_at=record.issued_at,
+            install_window=None
+            if d.get("install_window") is None
+            else InstallWindow.model_validate(d["install_window"]),
         )
         for d in json.loads(record.deployments_json)
     ]
@@ -372,7 +381,7 @@ class RolloutEngine:
                 members.members,
                 signals,
                 now=now,
-                may_target=members.may_target(now),
+                install_window=members.install_window,
             )
             if result.state == state and not result.actions:
                 return None

@@ -105,7 +105,7 @@ from server.rollouts.models import (
     IssuedManifestRecord,
     RolloutRecord,
 )
-from shared.messages import DeviceState, Event, EventKind
+from shared.messages import DeviceState, Event, EventKind, InstallWindow
 from shared.topics import Channel
 
 __all__ = [
@@ -465,9 +465,12 @@ class Members:
     devices: dict[str, Device]
     window: MaintenanceWindow | None
 
-    def may_target(self, now: datetime) -> bool:
-        """Targeting happens only inside the group's maintenance window, when it has one."""
-        return self.window is None or self.window.contains(now)
+    @property
+    def install_window(self) -> InstallWindow | None:
+        """The group's maintenance window, as the install window its devices are sent."""
+        if self.window is None:
+            return None
+        return InstallWindow(start=f"{self.window.start:%H:%M}", end=f"{self.window.end:%H:%M}")
 
 
 def devices_by_id(session: Session, device_ids: Collection[str]) -> dict[str, Device]:

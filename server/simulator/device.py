@@ -20,9 +20,15 @@ What is simulated: inference (no model runs -- predicted classes follow the refe
 prediction distribution, latencies a log-normal around :attr:`Behaviour.latency_ms`),
 and failure modes a test or benchmark asks for (:class:`Behaviour`).
 
+Install windows, as the agent honours them: a deployment whose ``install_window`` is
+closed by ``wall_clock`` is fetched and verified at once, reported ``staged`` (event and
+last update), and activated by :meth:`SimulatedDevice.tick` once the window is open; a
+newer desired state that no longer names it drops it, one that still names it keeps it.
+
 What always holds: a refused desired state changes nothing but emits a ``rejected``
-event; a model becomes "active" only after its bundle verified; ``seq`` of telemetry
-increases strictly for the life of the object.
+event; a model becomes "active" only after its bundle verified, and only inside its
+install window when it has one; ``seq`` of telemetry increases strictly for the life of
+the object.
 """
 
 from __future__ import annotations
@@ -103,6 +109,12 @@ class _Download:
     hasher: Any
     request_id: str = ""
     requested_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Staged:
+    deployment: Deployment
+    manifest: BundleManifest
 
 
 @dataclass
@@ -196,6 +208,7 @@ class SimulatedDevice:
         self.last_update: UpdateResult | None = None
         self._queue: list[Deployment] = []
         self._download: _Download | None = None
+        self._staged: dict[str, _Staged] = {}
         self._rollout_id: str | None = None
         self._requested_offset = 0
         self._seq = 0
@@ -255,9 +268,22 @@ class SimulatedDevice:
         for name in plan.remove:
             self.active.pop(name, None)
         wanted = {d.artifact.sha256 for d in plan.fetch}
-        self._queue = list(plan.fetch)
         if self._download is not None and self._download.deployment.artifact.sha256 not in wanted:
             self._download = None
+        # What waits and is still asked for keeps waiting (in the window named now).
+        staged = {}
+        for deployment in plan.fetch:
+            held = self._staged.get(deployment.model_name)
+            if held is not None and held.deployment.artifact.sha256 == deployment.artifact.sha256:
+                staged[deployment.model_name] = _Staged(deployment, held.manifest)
+        self._staged = staged
+        downloading = None if self._download is None else self._download.deployment.artifact
+        self._queue = [
+            d
+            for d in plan.fetch
+            if d.model_name not in staged
+            and (downloading is None or d.artifact.sha256 != downloading.sha256)
+        ]
         if plan.remove:
             out.append(self._state())
         out.extend(self._next_download(monotonic))
@@ -289,11 +315,24 @@ class SimulatedDevice:
         return self._install(download, monotonic)
 
     def tick(self, monotonic: float) -> list[Outgoing]:
-        """Ask again for blocks whose request went unanswered too long."""
+        """Activate what waited for a window that is open now; ask again for blocks whose
+        request went unanswered too long."""
+        out: list[Outgoing] = []
+        now = self._now()
+        for name, staged in sorted(self._staged.items()):
+            window = staged.deployment.install_window
+            if window is None or window.contains(now):
+                del self._staged[name]
+                out += self._activate(staged.deployment, staged.manifest)
         download = self._download
         if download is not None and monotonic - download.requested_at >= self.request_timeout:
-            return [self._request(monotonic)]
-        return []
+            out.append(self._request(monotonic))
+        return out
+
+    @property
+    def staged(self) -> dict[str, Deployment]:
+        """Deployments verified and waiting for their install window, by model name."""
+        return {name: s.deployment for name, s in self._staged.items()}
 
     def telemetry(self, inferences: int) -> Outgoing:
         """Close a window in which each active model served ``inferences`` requests."""
@@ -373,7 +412,18 @@ class SimulatedDevice:
             return out + self._refuse(
                 deployment, "self_test_failed", "simulated: self-test outside its tolerance"
             )
-        manifest = bundle.manifest
+        self._download = None
+        window = deployment.install_window
+        if window is not None and not window.contains(self._now()):
+            self._staged[deployment.model_name] = _Staged(deployment, bundle.manifest)
+            opening = window.next_opening(self._now()).isoformat()
+            detail = f"staged; activates in its install window {window}, next opening {opening}"
+            self.last_update = self._result(UpdateOutcome.STAGED, None, detail)
+            out += [self._event(EventKind.STAGED, deployment, detail=detail), self._state()]
+            return out + self._next_download(monotonic)
+        return out + self._activate(deployment, bundle.manifest) + self._next_download(monotonic)
+
+    def _activate(self, deployment: Deployment, manifest: BundleManifest) -> list[Outgoing]:
         previous = self.active.get(deployment.model_name)
         reference = manifest.drift_reference
         self.active[deployment.model_name] = _Active(
@@ -387,14 +437,12 @@ class SimulatedDevice:
             accumulator=None if reference is None else DriftAccumulator(reference),
         )
         self.installs += 1
-        self._download = None
         self.last_update = self._result(UpdateOutcome.ACTIVATED, None, None)
-        out += [
+        return [
             self._event(EventKind.ACTIVATED, deployment),
             self._event(EventKind.HEALTH_CHECK_PASSED, deployment),
             self._state(),
         ]
-        return out + self._next_download(monotonic)
 
     def _refuse(self, deployment: Deployment, reason: str, detail: str) -> list[Outgoing]:
         self._download = None

@@ -155,8 +155,8 @@ class DeviceOutcomeView(BaseModel):
     device_id: str
     profile: str
     state: str = Field(
-        description="in_progress, retry_pending, activated, failed, timed_out, rolled_back, "
-        "excluded"
+        description="in_progress, waiting_for_window (staged, it activates in its group's "
+        "maintenance window), retry_pending, activated, failed, timed_out, rolled_back, excluded"
     )
     phase: int | None = Field(description="1-based phase that targeted it")
     attempts: int
@@ -178,7 +178,10 @@ class RolloutPublic(BaseModel):
     status_reason: str | None
     phase: int = Field(description="current phase, 1-based")
     phases: int
-    counts: dict[str, int] = Field(description="devices per outcome, in_progress, retry_pending")
+    counts: dict[str, int] = Field(
+        description="devices per outcome, in_progress, retry_pending, and waiting_for_window "
+        "(those of in_progress staged and waiting for their maintenance window)"
+    )
     created_at: datetime
     updated_at: datetime
     started_at: datetime | None
@@ -239,6 +242,8 @@ def _device_view(a: Assignment) -> DeviceOutcomeView:
         shown = a.outcome.value
     elif a.next_retry_at is not None:
         shown = "retry_pending"
+    elif a.waiting_for_window:
+        shown = "waiting_for_window"
     else:
         shown = "in_progress"
     return DeviceOutcomeView(

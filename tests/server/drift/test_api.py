@@ -5,6 +5,7 @@ a 4xx that names the problem."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,8 @@ RANGE = {"since": "2026-11-02T00:00:00Z", "until": "2026-11-02T06:00:00Z"}
 @pytest.fixture
 def client(db_url: str, tmp_path: Path) -> Iterator[TestClient]:
     settings = Settings(data_dir=tmp_path / "data", database_url=db_url, run_jobs=False)
-    with TestClient(create_app(settings)) as client:
+    # The app lives on the fleet's own day, so its retention job keeps the seeded reports.
+    with TestClient(create_app(settings, clock=lambda: T0 + timedelta(hours=12))) as client:
         state = client.app.state  # type: ignore[attr-defined]
         with Session(state.engine) as session:
             seed_fleet(session, store=state.artifacts, keys=state.keys, reference=REFERENCE)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from typer.testing import CliRunner
 
 from server.app import create_app
 from server.cli import app
-from tests.server.drift.conftest import DRIFTED_FEATURE, make_reference, seed_fleet
+from tests.server.drift.conftest import DRIFTED_FEATURE, T0, make_reference, seed_fleet
 from tests.server.fleet.conftest import fleet_settings, serve
 
 pytestmark = pytest.mark.database
@@ -23,7 +24,10 @@ RANGE = ["--since", "2026-11-02T00:00:00Z", "--until", "2026-11-02T06:00:00Z"]
 
 @pytest.fixture
 def server_url(db_url: str, tmp_path: Path) -> Iterator[str]:
-    api = create_app(fleet_settings(db_url, tmp_path, run_jobs=False))
+    # The app lives on the fleet's own day, so its retention job keeps the seeded reports.
+    api = create_app(
+        fleet_settings(db_url, tmp_path, run_jobs=False), clock=lambda: T0 + timedelta(hours=12)
+    )
     with serve(api) as url:
         state = api.state
         with Session(state.engine) as session:

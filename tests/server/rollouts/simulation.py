@@ -2,7 +2,9 @@
 
 Each device follows a :class:`Behaviour`: per attempt it activates, reports a failure or
 stays silent, some time after it was targeted. Rolled-back and reverted devices report
-their previous version afterwards. The simulation keeps every action with its time, so
+their previous version afterwards. With an ``install_window``, a device that answers
+outside it reports ``staged`` and activates (``activate``) or stays silent (``stage``)
+once the window opens, as an agent does. The simulation keeps every action with its time, so
 tests check invariants over a whole run. Time only moves when a test says so.
 """
 
@@ -28,9 +30,9 @@ from server.rollouts.core import (
     new_rollout,
     step,
 )
-from shared.messages import EventKind, ModelWindow
+from shared.messages import EventKind, InstallWindow, ModelWindow
 
-Answer = Literal["activate", "fail", "silent"]
+Answer = Literal["activate", "fail", "silent", "stage"]
 A = TypeVar("A")
 
 
@@ -66,8 +68,10 @@ class SimulatedFleet:
         behaviours: dict[str, Behaviour] | None = None,
         running_version: int | None = 1,
         telemetry: Telemetry | None = None,
+        install_window: InstallWindow | None = None,
     ) -> None:
         self.spec = spec
+        self.install_window = install_window
         self.members = list(members)
         self.now = start
         self.state: RolloutState = new_rollout(spec, now=start)
@@ -136,6 +140,16 @@ class SimulatedFleet:
                     )
                 )
 
+            window = self.install_window
+            if answer in ("activate", "stage") and window is not None and not window.contains(at):
+
+                def stage(staged_at: datetime = at) -> None:
+                    device.updates.append(
+                        UpdateReport(EventKind.STAGED, staged_at, self.spec.model_name, version)
+                    )
+
+                self.scheduled.append((at, action.device_id, stage))
+                at = window.next_opening(at) + behaviour.delay  # ``activate`` reads it then
             if answer == "activate":
                 self.scheduled.append((at, action.device_id, activate))
             elif answer == "fail":
@@ -166,7 +180,14 @@ class SimulatedFleet:
                     window = self.telemetry(device_id, device.running_version)
                     if window is not None:
                         device.telemetry.append(window)
-        result = step(self.spec, self.state, self.members, self.signals(), now=self.now)
+        result = step(
+            self.spec,
+            self.state,
+            self.members,
+            self.signals(),
+            now=self.now,
+            install_window=self.install_window,
+        )
         self.apply(result)
         return result
 

@@ -37,6 +37,7 @@ from shared.messages import (
     DeviceState,
     Event,
     EventKind,
+    InstallWindow,
     RuntimeInfo,
 )
 from shared.topics import Channel
@@ -283,15 +284,17 @@ def test_members_carry_each_exclusion_with_its_reason(engine: Engine) -> None:
             ),
         }  # "pending" is no member: only accepted devices are
         assert {m.device_id: m.latency_sla_ms for m in members.members}["ok"] == 20.0
-        # The group's maintenance window (02:00-04:00 UTC) is when devices are targeted.
-        noon, night = (datetime(2026, 11, 30, hour, 0, tzinfo=UTC) for hour in (12, 3))
-        assert not members.may_target(noon) and members.may_target(night)
-        state = new_rollout(spec, now=noon)
-        by_day = step(spec, state, members.members, {}, now=noon, may_target=False)
-        assert by_day.state.status is RolloutStatus.RUNNING and by_day.device_ids == []
-        by_night = step(spec, by_day.state, members.members, {}, now=night, may_target=True)
-        (canary,) = by_night.device_ids  # 5 % of the three eligible devices
+        # The group's maintenance window (02:00-04:00 UTC) is the install window its
+        # devices are sent: they are targeted by day too, and download ahead.
+        window = members.install_window
+        assert window == InstallWindow(start="02:00", end="04:00")
+        noon = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+        by_day = step(
+            spec, new_rollout(spec, now=noon), members.members, {}, now=noon, install_window=window
+        )
+        (canary,) = by_day.device_ids  # 5 % of the three eligible devices
         assert canary in ("both", "ok", "old-litert")
+        assert by_day.state.devices[canary].install_window == window
         variants = service.model_variants(session, model_name=MODEL, model_version=v3.version)
         (ops_member,) = [
             m
