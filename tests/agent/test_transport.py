@@ -135,7 +135,10 @@ def test_connect_publishes_online_presence_retained(
     assert transport.connected.wait(5)
     watcher = mqtt_client(f"watch-{device_id}")
     watcher.subscribe(topic)
-    received = watcher.expect()
+    watcher.expect()  # live or retained, depending on who was first: it reached the broker
+    late = mqtt_client(f"late-{device_id}")  # so a late subscriber gets the retained copy
+    late.subscribe(topic)
+    received = late.expect()
     assert received.retain
     presence = Presence.from_bytes(received.payload)
     assert presence.device_id == device_id and presence.status is PresenceStatus.ONLINE

@@ -348,5 +348,8 @@ def test_two_replicas_on_one_database_never_both_apply_a_step(
                 assert deployed(issued) == {MODEL: version}
                 assert fleet.devices[device_id].installs == 1
         stats = [a.app.state.rollout_engine.stats(), b.app.state.rollout_engine.stats()]
-        assert sum(s["published"] for s in stats) == len(behaviours)
+        # At least one send per device; the other replica's maintenance may re-send a
+        # manifest whose send it has not yet seen recorded -- the same signed bytes, which
+        # a device takes as a re-delivery (one issued manifest and one install each, above).
+        assert sum(s["published"] for s in stats) >= len(behaviours)
         assert all(s["step_errors"] == 0 for s in stats)
