@@ -79,7 +79,13 @@ import numpy as np
 
 from agent import __version__
 from agent.config import AgentConfig, Limits
-from agent.download import BlockDownloader, DownloadError, TransportFrameSource, http_download
+from agent.download import (
+    BlockDownloader,
+    DownloadCancelled,
+    DownloadError,
+    TransportFrameSource,
+    http_download,
+)
 from agent.errors import AgentError
 from agent.feedback import sample_batches, samples_fit
 from agent.http_api import LocalApi
@@ -819,6 +825,9 @@ class Agent:
         except ModelRuntimeError as e:
             self._reject(plan, deployment, "self_test_failed", e, marked=marked)
             return False
+        except DownloadCancelled as e:  # stopping: not a failure; the next start resumes it
+            log.info("download of %s v%s paused: %s", name, deployment.model_version, e)
+            return False
         except (DownloadError, StoreError, OSError) as e:
             reason = "download_failed" if isinstance(e, DownloadError) else "store_failed"
             self._retry_at = self._clock() + self.config.limits.backoff_max_seconds
@@ -902,7 +911,12 @@ class Agent:
         if self.transport is None:
             raise DownloadError("no broker configured to download over MQTT")
         downloader = BlockDownloader(
-            self.frames, self.config.device_id, download, self.config.limits
+            self.frames,
+            self.config.device_id,
+            download,
+            self.config.limits,
+            cancelled=self._stopping,  # stop() never waits out a block request's timeout
+            sleep=self._stopping.wait,
         )
         return downloader.download(deployment.artifact, dest)
 

@@ -64,6 +64,7 @@ __all__ = [
     "ArtifactRejected",
     "ArtifactTooLarge",
     "BlockDownloader",
+    "DownloadCancelled",
     "DownloadError",
     "DownloadStats",
     "DownloadTimeout",
@@ -81,6 +82,9 @@ _BUSY_PREFIX = "busy"  # the server's "busy, retry" error block: back off, then 
 
 
 # ----------------------------------------------------------------------------- errors
+
+
+_CANCEL_POLL_SECONDS = 0.25
 
 
 class DownloadError(AgentError):
@@ -105,6 +109,10 @@ class DownloadTimeout(DownloadError):
 
 class SourceUnavailable(DownloadError):
     """A frame source cannot send a request now (e.g. not connected); the caller retries."""
+
+
+class DownloadCancelled(DownloadError):
+    """The agent is stopping: the partial file is checkpointed and resumes at the next start."""
 
 
 # ----------------------------------------------------------------------------- frame sources
@@ -545,9 +553,11 @@ class BlockDownloader:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         rng: Callable[[], float] = random.random,
+        cancelled: threading.Event | None = None,
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
+        self.cancelled = cancelled or threading.Event()
         self.source = source
         self.device_id = device_id
         self.config = config
@@ -622,11 +632,15 @@ class BlockDownloader:
         timeout = self.config.request_timeout_seconds
         deadline = self.clock() + timeout
         while part.offset < end:
+            if self.cancelled.is_set():  # checked often: stopping must not wait a timeout out
+                raise DownloadCancelled(
+                    f"stopped with {part.offset} of {part.length} bytes held; resumes later"
+                )
             remaining = deadline - self.clock()
             if remaining <= 0:
                 return "timed out" if part.offset == start else None
             try:
-                frame = self.source.frames.get(timeout=remaining)
+                frame = self.source.frames.get(timeout=min(remaining, _CANCEL_POLL_SECONDS))
             except queue.Empty:
                 continue
             stats.frames += 1

@@ -30,6 +30,7 @@ from agent.config import DownloadConfig, Limits
 from agent.download import (
     ArtifactRejected,
     BlockDownloader,
+    DownloadCancelled,
     DownloadTimeout,
     FrameSource,
     PahoFrameSource,
@@ -334,6 +335,22 @@ def test_a_silent_server_is_a_timeout_after_retries(
         with pytest.raises(DownloadTimeout, match="no progress after 3 attempts"):
             blocks.download(artifact.ref, tmp_path / "device")
     assert blocks.last_stats.requests == 3
+
+
+@pytest.mark.broker
+def test_stopping_cancels_a_download_at_once_and_keeps_the_partial(
+    mqtt_broker: BrokerEndpoint, artifact: Artifact, device_id: str, tmp_path: Path
+) -> None:
+    """A silent server would hold the request for its whole timeout (an hour here): the
+    cancel event ends it within a poll; what arrived stays as a resumable partial."""
+    with frame_source(device_id, mqtt_broker) as source:
+        blocks = downloader(source, device_id, timeout=3600.0)
+        threading.Timer(0.3, blocks.cancelled.set).start()
+        with pytest.raises(DownloadCancelled, match="resumes later"):
+            blocks.download(artifact.ref, tmp_path / "device")
+    assert blocks.last_stats.requests == 1
+    # nothing but a resumable partial (none at all when no byte had arrived)
+    assert all(n.endswith((".part", ".part.json")) for n in leftovers(tmp_path / "device"))
 
 
 @pytest.mark.broker
