@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from server.commands.client import JsonOption, ServerOption, api, emit_json, fail
+from server.commands.client import JsonOption, ServerOption, api, emit_json, fail, timestamp
 from server.commands.rollouts import parse_duration
 
 __all__ = [
@@ -108,10 +108,6 @@ def _console() -> Console:
     return Console()
 
 
-def _when(value: str | None) -> str:
-    return "-" if value is None else value[:19].replace("T", " ")
-
-
 def _severity(value: str) -> str:
     return f"[{_SEVERITY_STYLE.get(value, 'white')}]{value}[/]"
 
@@ -170,7 +166,7 @@ def list_alerts(
             _status(a["status"]),
             a["rule"],
             a["subject"],
-            _when(a["opened_at"]),
+            timestamp(a["opened_at"]),
             a["summary"],
         )
     console = _console()
@@ -196,9 +192,9 @@ def show(
         f"[bold]alert {a['id']}[/] {_severity(a['severity'])} {_status(a['status'])} · "
         f"rule {a['rule']} ({a['kind']}) · {a['subject']}"
     )
-    console.print(f"  opened {_when(a['opened_at'])} · {a['summary']}")
+    console.print(f"  opened {timestamp(a['opened_at'])} · {a['summary']}")
     if a["resolved_at"]:
-        console.print(f"  resolved {_when(a['resolved_at'])} · {a['resolution']}")
+        console.print(f"  resolved {timestamp(a['resolved_at'])} · {a['resolution']}")
     windows = a["evidence"].get("windows", [])
     if windows:
         table = Table(title="evidence when it opened", title_justify="left")
@@ -207,8 +203,13 @@ def show(
         for w in windows:
             value = "-" if w.get("value") is None else f"{w['value']:.4g}"
             limit = "-" if w.get("threshold") is None else f"{w['threshold']:.4g}"
+            span = f"{timestamp(w['start'])} → {w['end'][11:16]}"
             table.add_row(
-                f"{_when(w['start'])} → {w['end'][11:16]}", w["verdict"], value, limit, w["summary"]
+                span,
+                w["verdict"],
+                value,
+                limit,
+                w["summary"],
             )
         console.print(table)
     devices = a["evidence"].get("devices") or []
@@ -280,7 +281,7 @@ def list_rules(
             _severity(r["severity"]),
             "yes" if r["enabled"] else "no",
             str(r["open_alerts"]),
-            _when(r["last_evaluated_at"]) + (" [red](failed)[/]" if r["last_error"] else ""),
+            timestamp(r["last_evaluated_at"]) + (" [red](failed)[/]" if r["last_error"] else ""),
         )
     console = _console()
     console.print(table)

@@ -28,6 +28,7 @@ __all__ = [
     "api",
     "emit_json",
     "fail",
+    "timestamp",
 ]
 
 DEFAULT_SERVER = "http://127.0.0.1:8750"
@@ -122,3 +123,8 @@ def emit_json(data: Any) -> None:
 def fail(message: str, code: int = 1) -> None:
     err.print(f"[red]error:[/] {message}")
     raise typer.Exit(code)
+
+
+def timestamp(value: str | None) -> str:
+    """An ISO time from the API as a table shows it (``2026-11-29 12:00:00``; ``-`` if none)."""
+    return "-" if value is None else value[:19].replace("T", " ")

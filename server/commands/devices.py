@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from server.commands.client import JsonOption, ServerOption, api, emit_json, fail
+from server.commands.client import JsonOption, ServerOption, api, emit_json, fail, timestamp
 
 __all__ = ["app", "parse_tags"]
 
@@ -19,10 +19,6 @@ DeviceArg = Annotated[str, typer.Argument(help="Device id.")]
 
 def _console() -> Console:
     return Console()
-
-
-def _when(value: str | None) -> str:
-    return "-" if value is None else value[:19].replace("T", " ")
 
 
 def _models(device: dict[str, Any]) -> str:
@@ -101,7 +97,7 @@ def list_devices(
             f"{d['runtime']['name']} {d['runtime']['version']}",
             d["agent_version"],
             "[green]yes[/]" if d["online"] else "no",
-            _when(d["last_seen"]),
+            timestamp(d["last_seen"]),
             _models(d),
         )
     _console().print(table)
@@ -125,22 +121,22 @@ def show(device_id: DeviceArg, server: ServerOption = None, as_json: JsonOption 
         "tags": ", ".join(f"{k}={v}" for k, v in sorted(d["tags"].items())) or "-",
         "groups": ", ".join(d["groups"] or []) or "-",
         "online": "yes" if d["online"] else "no",
-        "last seen": _when(d["last_seen"]),
+        "last seen": timestamp(d["last_seen"]),
         "models": _models(d),
         "manifest": str(d["manifest_version"]),
-        "enrolled": _when(d["enrolled_at"]),
-        "accepted": _when(d["accepted_at"]),
+        "enrolled": timestamp(d["enrolled_at"]),
+        "accepted": timestamp(d["accepted_at"]),
     }
     update = d["last_update"]
     if update is not None:
         reason = f" ({update['reason']})" if update.get("reason") else ""
         rows["last update"] = (
             f"{update['outcome']}{reason}, manifest {update['manifest_version']}, "
-            f"{_when(update['at'])}"
+            f"{timestamp(update['at'])}"
         )
     event = d["last_event"]
     if event is not None:
-        rows["last event"] = f"{event['kind']} {_when(event['at'])}"
+        rows["last event"] = f"{event['kind']} {timestamp(event['at'])}"
     for name, value in rows.items():
         console.print(f"  {name:12} {value}")
 

@@ -37,7 +37,7 @@ from server.commands.alerts import (
     Windows,
     condition_body,
 )
-from server.commands.client import JsonOption, ServerOption, api, emit_json
+from server.commands.client import JsonOption, ServerOption, api, emit_json, timestamp
 from server.commands.rollouts import parse_duration
 
 __all__ = ["app", "policies_app"]
@@ -60,10 +60,6 @@ _STATUS_STYLE = {
 
 def _console() -> Console:
     return Console()
-
-
-def _when(value: str | None) -> str:
-    return "-" if value is None else value[:19].replace("T", " ")
 
 
 def _status(value: str) -> str:
@@ -258,7 +254,7 @@ def _print_decision(d: dict[str, Any]) -> None:
     console = _console()
     console.print(
         f"[bold]decision {d['id']}[/] {_status(d['status'])} · policy {d['policy']} · "
-        f"{d['model']} v{d['version']} in group {d['group']} · {_when(d['created_at'])}"
+        f"{d['model']} v{d['version']} in group {d['group']} · {timestamp(d['created_at'])}"
     )
     console.print(f"  fired: {d['summary']}")
     console.print(f"  now: {d['status_reason']}")
@@ -349,7 +345,7 @@ def decisions(
             f"{x['model']} v{x['version']}",
             x["group"],
             "-" if x["candidate_version"] is None else f"v{x['candidate_version']}",
-            _when(x["created_at"]),
+            timestamp(x["created_at"]),
             x["summary"],
         )
     console = _console()

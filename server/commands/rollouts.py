@@ -22,7 +22,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from server.commands.client import JsonOption, ServerOption, api, emit_json, fail
+from server.commands.client import JsonOption, ServerOption, api, emit_json, fail, timestamp
 
 __all__ = ["app", "parse_duration", "pin", "unpin"]
 
@@ -58,10 +58,6 @@ def parse_duration(text: str, *, option: str = "duration") -> float:
         return sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION.findall(cleaned))
     fail(f"{option} {text!r}: write e.g. 90s, 10m, 1h30m or 2d", code=2)
     raise AssertionError("unreachable")  # fail() exits
-
-
-def _when(value: str | None) -> str:
-    return "-" if value is None else value[:19].replace("T", " ")
 
 
 def _status_text(status: str) -> str:
@@ -165,7 +161,7 @@ def _render(r: dict[str, Any], *, all_devices: bool = True) -> Group:
         Text.from_markup(_summary_line(r)),
         Text(
             f"  {r['group_members']} device(s) in the group, {r['eligible']} eligible · "
-            f"started {_when(r['started_at'])} · updated {_when(r['updated_at'])}"
+            f"started {timestamp(r['started_at'])} · updated {timestamp(r['updated_at'])}"
         ),
         _phases_table(r),
     ]
@@ -301,7 +297,7 @@ def list_rollouts(
             _status_text(r["status"]),
             f"{r['phase']}/{r['phases']}",
             f"{counts.get('activated', 0)} ok, {failed} failed, {moving} updating",
-            _when(r["updated_at"]),
+            timestamp(r["updated_at"]),
         )
     console = _console()
     console.print(table)
