@@ -39,6 +39,7 @@ from shared.messages import (
     DesiredState,
     DeviceState,
     Event,
+    InstallWindow,
     KeyEntry,
     Keyring,
     decode_block,
@@ -125,13 +126,22 @@ class Fleet:
             self.allowed.add(stored.sha256)
         return ArtifactRef(sha256=stored.sha256, length=stored.length)
 
-    def desired(self, manifest_version: int, ref: ArtifactRef, model_version: int) -> bytes:
-        now = datetime.now(UTC)
+    def desired(
+        self,
+        manifest_version: int,
+        ref: ArtifactRef,
+        model_version: int,
+        *,
+        now: datetime | None = None,
+        lifetime: timedelta = timedelta(hours=1),
+        window: InstallWindow | None = None,
+    ) -> bytes:
+        now = now or datetime.now(UTC)
         state = DesiredState(
             device_id=self.device_id,
             manifest_version=manifest_version,
             issued_at=now,
-            expires_at=now + timedelta(hours=1),
+            expires_at=now + lifetime,
             rollout_id=f"r-{manifest_version}",
             deployments=[
                 Deployment(
@@ -139,6 +149,7 @@ class Fleet:
                     model_version=model_version,
                     target=self.profile,
                     artifact=ref,
+                    install_window=window,
                 )
             ],
         )

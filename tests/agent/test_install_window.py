@@ -24,14 +24,11 @@ from agent.config import AgentConfig
 from shared.bundle import Bundle
 from shared.messages import (
     ArtifactRef,
-    Deployment,
-    DesiredMessage,
-    DesiredState,
     DeviceState,
     Event,
     InstallWindow,
 )
-from shared.signing import PayloadType, SigningKey, sign_envelope
+from shared.signing import SigningKey
 from shared.topics import Channel, device_topic
 from tests.agent.test_health import ONNX_PROFILE, Fleet, Observer, device_config, wait_for
 
@@ -76,26 +73,9 @@ def desired(
     now: datetime,
     window: InstallWindow | None,
 ) -> bytes:
-    state = DesiredState(
-        device_id=fleet.device_id,
-        manifest_version=manifest_version,
-        issued_at=now,
-        expires_at=now + timedelta(hours=12),
-        rollout_id=f"r-{manifest_version}",
-        deployments=[
-            Deployment(
-                model_name="digits",
-                model_version=model_version,
-                target=ONNX_PROFILE,
-                artifact=ref,
-                install_window=window,
-            )
-        ],
+    return fleet.desired(
+        manifest_version, ref, model_version, now=now, lifetime=timedelta(hours=12), window=window
     )
-    return DesiredMessage(
-        keyring=fleet.keyring,
-        manifest=sign_envelope(state.to_bytes(), PayloadType.DESIRED_STATE, [fleet.online]),
-    ).to_bytes()
 
 
 def running(agent: Agent) -> int | None:
