@@ -6,6 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 DEMO_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: demo test check lint format typecheck imports docs bench clean
 
@@ -47,12 +48,10 @@ imports: $(VENV)/.installed-dev
 docs: $(VENV)/.installed-dev
 	$(BIN)/python docs/generate_protocol.py > docs/protocol.md
 
+# Every bench/*.py in its own process, one table in bench/RESULTS.md;
+# BENCH_ARGS=--quick runs each one's quick mode (what CI proves still works).
 bench: $(VENV)/.installed-dev
-	$(BIN)/python bench/drift.py
-	$(BIN)/python bench/drift_query.py
-	$(BIN)/python bench/quantize.py
-	$(BIN)/python bench/serving.py
-	$(BIN)/python bench/rollout.py
+	$(BIN)/python bench/suite.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -436,12 +436,11 @@ class Agent:
             self._serving = self.models[min(self.models)] if self.models else None
 
     def _load_active_models(self) -> None:
-        keyring = self.trust.keyring
-        if keyring is None:
+        if self.trust.keyring is None:
             return
-        bundles = self.store.load_active(
-            trusted_keys=keyring.verify_keys(), threshold=keyring.threshold
-        )
+        # Keys of earlier keyrings too: a rotation must not cost a device its model.
+        keys, threshold = self.trust_store.bundle_keys(self.trust)
+        bundles = self.store.load_active(trusted_keys=keys, threshold=threshold)
         for problem in self.store.load_problems:
             log.warning("model store: %s", problem)
         for name, bundle in bundles.items():
@@ -587,7 +586,13 @@ class Agent:
             sha256=None if deployment is None else deployment.artifact.sha256,
             **fields,
         )
-        self.outbox.put(device_topic(self.config.device_id, Channel.EVENTS), event.to_bytes())
+        try:
+            self.outbox.put(device_topic(self.config.device_id, Channel.EVENTS), event.to_bytes())
+        except AgentError as e:
+            # A full disk, say: the update goes on (and its retry stays armed); the retained
+            # state still tells the server the last update's outcome.
+            log.error("%s event not stored: %s", kind, e)
+            return
         if self.publisher is not None:
             self.publisher.wake()
 
@@ -707,8 +712,19 @@ class Agent:
             self._settle_waiting(payload, {}, before={})
         self._last_desired = payload
         if plan.is_new:
+            try:
+                self.trust_store.save(plan.state, keyring_envelope=plan.keyring_envelope)
+            except OSError as e:
+                # A full disk, say: nothing starts that a restart would not know the
+                # manifest of; the server is told why and the state is tried again later.
+                log.error("cannot save the trust state: %s", e)
+                self._waiting = before
+                self._retry_at = self._clock() + self.config.limits.backoff_max_seconds
+                self._finish(
+                    plan, UpdateOutcome.FAILED, "store_failed", f"cannot save the trust state: {e}"
+                )
+                return None
             self.trust = plan.state
-            self.trust_store.save(plan.state, keyring_envelope=plan.keyring_envelope)
             self._refused.clear()
         self._forget_stale_markers(plan)
         pending = [d for d in plan.fetch if d.artifact.sha256 not in self._refused]
@@ -830,6 +846,7 @@ class Agent:
             return False
         except (DownloadError, StoreError, OSError) as e:
             reason = "download_failed" if isinstance(e, DownloadError) else "store_failed"
+            log.warning("%s v%s not installed (%s): %s", name, deployment.model_version, reason, e)
             self._retry_at = self._clock() + self.config.limits.backoff_max_seconds
             self._finish(plan, UpdateOutcome.FAILED, reason, str(e))
             self._event(EventKind.FAILED, deployment, reason=reason, detail=str(e)[:1000])

@@ -181,15 +181,17 @@ def predict(
     except (OSError, ValueError) as e:
         err.print(f"[red]error:[/] cannot read {input_file}: {e}")
         raise typer.Exit(2) from e
-    trust = TrustStore(
+    trust_store = TrustStore(
         cfg.data_dir, root_keys=cfg.root_keys(), root_threshold=cfg.trust.root_threshold
-    ).load(now=datetime.now(UTC))
+    )
+    trust = trust_store.load(now=datetime.now(UTC))
     if trust.keyring is None:
         err.print("[red]error:[/] no model has been installed on this device yet")
         raise typer.Exit(1)
+    keys, threshold = trust_store.bundle_keys(trust)
     bundles = ModelStore(cfg.data_dir).load_active(
-        trusted_keys=trust.keyring.verify_keys(),
-        threshold=trust.keyring.threshold,
+        trusted_keys=keys,
+        threshold=threshold,
         read_only=True,  # the agent may be running beside us, mid-update
     )
     if not bundles:

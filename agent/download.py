@@ -21,6 +21,10 @@ What always holds:
 - Resuming re-hashes the prefix the sidecar vouches for (simple, and safe against
   a sidecar that lies) and asks only for the bytes after it. Without a usable
   sidecar the download starts from byte 0.
+- Room on the disk: a transfer starts only when the bytes still to fetch plus
+  :data:`STORAGE_RESERVE_BYTES` are free, and ENOSPC at any write removes the partial
+  file and its sidecar; both raise :class:`InsufficientStorage` naming the disk. A full
+  disk must not take the room the outbox, markers and pointers need.
 - Every failure is a :class:`DownloadError` (an :class:`~agent.errors.AgentError`),
   except hash and length mismatches, which stay the shared
   :class:`~shared.errors.VerificationError`s so their ``reason`` is reported as is.
@@ -36,11 +40,13 @@ agent's MQTT transport; :class:`PahoFrameSource` is a small self-contained paho 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import queue
 import random
 import secrets
+import shutil
 import socket
 import threading
 import time
@@ -51,7 +57,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, NoReturn, Protocol
 
 from agent.config import DownloadConfig, Limits
 from agent.errors import AgentError
@@ -69,6 +75,7 @@ __all__ = [
     "DownloadStats",
     "DownloadTimeout",
     "FrameSource",
+    "InsufficientStorage",
     "PahoFrameSource",
     "SourceUnavailable",
     "TransportFrameSource",
@@ -79,6 +86,8 @@ _CHUNK = 64 * 1024
 _CHECKPOINT_BYTES = 1024 * 1024  # HTTP: fsync + sidecar at least this often
 _SIDECAR_SCHEMA = "ef.partial-download"
 _BUSY_PREFIX = "busy"  # the server's "busy, retry" error block: back off, then ask again
+STORAGE_RESERVE_BYTES = 64 * 1024
+"""Room a download leaves free on the device's disk: the outbox, markers and pointers."""
 
 
 # ----------------------------------------------------------------------------- errors
@@ -101,6 +110,13 @@ class ArtifactRejected(DownloadError):
 
 class ArtifactTooLarge(DownloadError):
     """The signed length is above ``Limits.max_bundle_bytes``; nothing was fetched."""
+
+
+class InsufficientStorage(DownloadError):
+    """No room on the device for the artifact (ENOSPC): before the transfer, less is free
+    than the bytes still to fetch plus :data:`STORAGE_RESERVE_BYTES`; during it, a write
+    failed for lack of space. What was written of it is removed either way, so the rest
+    of the device (outbox, markers, pointers) keeps room to work; a retry starts afresh."""
 
 
 class DownloadTimeout(DownloadError):
@@ -345,11 +361,31 @@ class _PartialFile:
                     remaining -= len(chunk)
             handle.truncate(self.verifier.received)
             handle.seek(self.verifier.received)
+            free = shutil.disk_usage(self.dest_dir).free
         except OSError as e:
-            self.close()
-            raise DownloadError(f"cannot open {self.part}: {e}") from e
+            self._fail(e, f"cannot open {self.part}")
         self.resumed_from = self._durable = self.verifier.received
+        needed = self.length - self.verifier.received
+        if free < needed + STORAGE_RESERVE_BYTES:
+            self.discard()
+            raise InsufficientStorage(
+                f"no space left on device (ENOSPC) for artifact {self.sha256[:16]}...: "
+                f"{needed} bytes still to fetch and {STORAGE_RESERVE_BYTES} to keep free, "
+                f"{free} free in {self.dest_dir}"
+            )
         return self
+
+    def _fail(self, error: OSError, doing: str) -> NoReturn:
+        """Raise ``error`` as a :class:`DownloadError`; for ENOSPC, first free what was
+        written (a full disk must not stop the rest of the device)."""
+        if error.errno == errno.ENOSPC:
+            self.discard()
+            raise InsufficientStorage(
+                f"no space left on device (ENOSPC) for artifact {self.sha256[:16]}...: "
+                f"{doing}: {error}; the partial download was removed"
+            ) from error
+        self.close()
+        raise DownloadError(f"{doing}: {error}") from error
 
     def restart(self) -> None:
         """Throw the prefix away (a server that ignored a range request sends from 0)."""
@@ -359,7 +395,7 @@ class _PartialFile:
             self._file.seek(0)
             self._file.truncate(0)
         except OSError as e:
-            raise DownloadError(f"cannot truncate {self.part}: {e}") from e
+            self._fail(e, f"cannot truncate {self.part}")
         self._durable = 0
         self._write_sidecar()
 
@@ -370,7 +406,7 @@ class _PartialFile:
         try:
             self._file.write(data)
         except OSError as e:
-            raise DownloadError(f"cannot write {self.part}: {e}") from e
+            self._fail(e, f"cannot write {self.part}")
 
     def checkpoint(self) -> None:
         """Make the prefix durable and record it in the sidecar."""
@@ -380,7 +416,7 @@ class _PartialFile:
             self._file.flush()
             os.fsync(self._file.fileno())
         except OSError as e:
-            raise DownloadError(f"cannot sync {self.part}: {e}") from e
+            self._fail(e, f"cannot sync {self.part}")
         self._durable = self.verifier.received
         self._write_sidecar()
 
@@ -401,7 +437,7 @@ class _PartialFile:
             _fsync_dir(self.dest_dir)
             self.sidecar.unlink(missing_ok=True)
         except OSError as e:
-            raise DownloadError(f"cannot move {self.part} into place: {e}") from e
+            self._fail(e, f"cannot move {self.part} into place")
         return self.final
 
     def discard(self) -> None:
@@ -459,7 +495,9 @@ class _PartialFile:
                 os.fsync(out.fileno())
             os.replace(tmp, self.sidecar)
         except OSError as e:
-            raise DownloadError(f"cannot write {self.sidecar}: {e}") from e
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            self._fail(e, f"cannot write {self.sidecar}")
 
 
 def _fsync_dir(path: Path) -> None:

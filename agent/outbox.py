@@ -60,6 +60,8 @@ __all__ = ["Outbox", "OutboxError", "OutboxPublisher", "PendingMessage"]
 log = logging.getLogger(__name__)
 
 _SCHEMA_VERSION = 1
+_WAL_SIZE_LIMIT = 1024 * 1024
+"""Bytes of write-ahead log after which the outbox checkpoints (and which it keeps)."""
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -116,6 +118,12 @@ class Outbox:
             if str(mode).lower() != "wal":
                 raise OutboxError(f"{self.path}: SQLite refused WAL mode (got {mode!r})")
             self._db.execute("PRAGMA synchronous=FULL")
+            # The write-ahead log is checkpointed at a quarter of SQLite's default and
+            # kept at that size, instead of growing to 4 MB and keeping its high-water
+            # mark: on a small device disk that is room a download or the store needs.
+            page_size = self._db.execute("PRAGMA page_size").fetchone()[0]
+            self._db.execute(f"PRAGMA wal_autocheckpoint={_WAL_SIZE_LIMIT // page_size}")
+            self._db.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
             self._db.execute("PRAGMA busy_timeout=5000")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version > _SCHEMA_VERSION:

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from agent.errors import AgentError
 from shared.errors import (
@@ -115,7 +116,10 @@ class TrustStore:
 
     It keeps the accepted keyring's signed envelope (re-verified against the root
     keys from the image at every load, so a tampered file is refused, not trusted)
-    and the manifest floor: version, payload hash and signers.
+    and the manifest floor: version, payload hash and signers. It also keeps the last
+    few keyrings before the current one (:data:`EARLIER_KEYRINGS`), so the bundles a
+    rotated-out online key signed while it was listed still load at start-up
+    (:meth:`bundle_keys`); new downloads are checked against the current keyring only.
     """
 
     def __init__(
@@ -152,14 +156,18 @@ class TrustStore:
             raise TrustStoreError(f"{self.path} does not verify against the root keys: {e}") from e
 
     def save(self, state: TrustState, *, keyring_envelope: Envelope | None) -> None:
-        data = {
-            "keyring": None
+        keyring = (
+            None
             if keyring_envelope is None
-            else keyring_envelope.model_dump(mode="json", by_alias=True),
+            else keyring_envelope.model_dump(mode="json", by_alias=True)
+        )
+        data = {
+            "keyring": keyring,
             "keyring_version": 0 if state.keyring is None else state.keyring.version,
             "manifest_version": state.manifest_version,
             "manifest_sha256": state.manifest_sha256,
             "manifest_signers": sorted(state.manifest_signers),
+            "earlier_keyrings": self._earlier_keyrings(keyring),
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".trust.")
@@ -177,6 +185,52 @@ class TrustStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def _earlier_keyrings(self, keyring: dict[str, Any] | None) -> list[dict[str, Any]]:
+        """The persisted earlier keyrings, plus the one ``keyring`` replaces (newest first)."""
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return []
+        earlier = [e for e in data.get("earlier_keyrings") or [] if isinstance(e, dict)]
+        previous = data.get("keyring")
+        if isinstance(previous, dict) and previous != keyring:
+            earlier.insert(0, previous)
+        return [e for e in earlier if e != keyring][:EARLIER_KEYRINGS]
+
+    def bundle_keys(self, state: TrustState) -> tuple[dict[str, VerifyKey], int]:
+        """Keys (and the threshold) that vouch for a bundle already installed: those of the
+        current keyring and of the earlier ones that still verify against the root keys
+        (expired or not). A bundle was checked against the keyring of its day before it
+        was activated; re-checking it at start-up must not fail because the key that
+        signed it was rotated out since."""
+        keyring = state.keyring
+        if keyring is None:
+            return {}, 1
+        keys, threshold = keyring.verify_keys(), keyring.threshold
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return keys, threshold
+        for raw in data.get("earlier_keyrings") or []:
+            try:
+                payload = verify_envelope(
+                    Envelope.model_validate(raw),
+                    payload_type=PayloadType.KEYRING,
+                    trusted_keys=state.root_keys,
+                    threshold=state.root_threshold,
+                )
+                earlier = Keyring.from_bytes(payload)
+            except (ContractError, ValueError):
+                continue  # a damaged entry vouches for nothing
+            if earlier.version < keyring.version:
+                keys = {**earlier.verify_keys(), **keys}
+                threshold = min(threshold, earlier.threshold)
+        return keys, threshold
+
+
+EARLIER_KEYRINGS = 8
+"""Keyrings kept besides the current one, for :meth:`TrustStore.bundle_keys`."""
 
 
 def _accept_persisted_keyring(state: TrustState, envelope: Envelope, now: datetime) -> TrustState:

@@ -5,7 +5,7 @@ under/overflow/NaN counts -- what one would write without the padded-edge trick.
 Figures: time to count a batch (rows x 64 features) and to add one row (the
 agent's per-inference cost), each as a ratio to the baseline. Lower is better.
 
-    python bench/drift.py [--quick]
+    python bench/drift.py [--quick] [--results PATH]
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+from results import BenchResults, add_results_argument
 
 from shared.drift import DriftAccumulator, DriftReference, count_bins
 
@@ -57,6 +58,7 @@ def best_of(fn: Callable[[], object], repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer repeats (CI)")
+    add_results_argument(parser)
     args = parser.parse_args()
     repeats = 3 if args.quick else 15
     rng = np.random.default_rng(0)
@@ -93,17 +95,27 @@ def main() -> None:
 
     row_ours = best_of(per_row_ours, repeats) / len(rows)
     row_base = best_of(per_row_base, repeats) / len(rows)
-    print("| figure | edgefleet | baseline (per-feature numpy) | ratio |")
-    print("|---|---|---|---|")
+    results = BenchResults("drift", quick=args.quick, path=args.results)
+    results.note(
+        f"drift counting, 64 features x 10 bins, median of {repeats} repeats; "
+        "baseline: per-feature np.histogram + separate under/overflow/NaN counts"
+    )
     for name, ours_s, base_s, unit, scale in (
         ("bin counts, 4096 x 64 batch", counts_ours, counts_base, "ms", 1e3),
         ("counts + moments, 4096 x 64 batch", batch_ours, batch_base, "ms", 1e3),
         ("counts + moments, one row of 64", row_ours, row_base, "us", 1e6),
     ):
-        print(
-            f"| {name} | {ours_s * scale:.1f} {unit} | {base_s * scale:.1f} {unit} "
-            f"| {ours_s / base_s:.2f} |"
+        results.add(
+            name,
+            ours_s * scale,
+            unit,
+            baseline=base_s * scale,
+            baseline_text=f"{base_s * scale:.1f} {unit} (per-feature numpy)",
+            value_text=f"{ours_s * scale:.1f} {unit}",
+            ratio=ours_s / base_s,
+            goal="lower is better",
         )
+    results.finish()
 
 
 if __name__ == "__main__":

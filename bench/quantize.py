@@ -13,7 +13,7 @@ its target runtime (ai-edge-litert for TFLite, onnxruntime for ONNX), never Kera
 
 Ratios are printed, not asserted: this is a benchmark, not a timed test.
 
-    python bench/quantize.py [--quick]
+    python bench/quantize.py [--quick] [--results PATH]
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from results import BenchResults, add_results_argument
 
 from server.datasets.types import DatasetSchema, LoadedDataset
 from server.pipeline.evaluate import LiteRTRunner, latency_p50_ms
@@ -95,17 +97,10 @@ def reference_cnn(data: LoadedDataset, epochs: int) -> Any:
     return model
 
 
-def row(figure: str, value: str, baseline: str, ratio: str, goal: str, result: str) -> str:
-    return f"| {figure} | {value} | {baseline} | {ratio} | {goal} | {result} |"
-
-
-def verdict(ok: bool) -> str:
-    return "pass" if ok else "short"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer epochs and repeats (CI)")
+    add_results_argument(parser)
     args = parser.parse_args()
     epochs = 8 if args.quick else 30
     repeats = 200 if args.quick else 2000
@@ -148,79 +143,90 @@ def main() -> None:
     def accuracy(build: TargetBuild) -> float:
         return 100.0 * (build.metric_value or 0.0)
 
-    def size_rows(label: str, build: TargetBuild, base: TargetBuild, goal: float | None) -> str:
+    results = BenchResults("quantize", quick=args.quick, path=args.results)
+
+    def size_row(label: str, build: TargetBuild, base: TargetBuild, goal: float | None) -> None:
         ratio = build.size_bytes / base.size_bytes
-        return row(
+        results.add(
             f"{label} size / {base.quantization} size",
-            f"{build.size_bytes:,} B",
-            f"{base.size_bytes:,} B",
-            f"{ratio:.3f}",
-            "—" if goal is None else f"≤ {goal:.2f}",
-            "info" if goal is None else verdict(ratio <= goal),
+            build.size_bytes,
+            "B",
+            baseline=base.size_bytes,
+            ratio=ratio,
+            ratio_text=f"{ratio:.3f}",
+            goal="" if goal is None else f"≤ {goal:.2f}",
+            passed=None if goal is None else ratio <= goal,
         )
 
-    def drop_rows(label: str, build: TargetBuild, base: TargetBuild, goal: float | None) -> str:
+    def drop_row(label: str, build: TargetBuild, base: TargetBuild, goal: float | None) -> None:
         drop = accuracy(base) - accuracy(build)
-        return row(
+        results.add(
             f"{label} accuracy drop",
-            f"{accuracy(build):.2f}%",
-            f"{accuracy(base):.2f}% ({base.format} {base.quantization})",
-            f"{accuracy(build) / accuracy(base):.4f} ({drop:+.2f} pt)",
-            "—" if goal is None else f"drop ≤ {goal:.1f} pt",
-            "info" if goal is None else verdict(drop <= goal + 1e-9),
+            accuracy(build),
+            "%",
+            value_text=f"{accuracy(build):.2f}%",
+            baseline=accuracy(base),
+            baseline_text=f"{accuracy(base):.2f}% ({base.format} {base.quantization})",
+            ratio=accuracy(build) / accuracy(base),
+            ratio_text=f"{accuracy(build) / accuracy(base):.4f} ({drop:+.2f} pt)",
+            goal="" if goal is None else f"drop ≤ {goal:.1f} pt",
+            passed=None if goal is None else drop <= goal + 1e-9,
         )
 
     params = model.count_params()
-    print(
+    results.note(
         f"digits reference CNN: {params:,} parameters, {epochs} epochs in {train_seconds:.1f} s; "
         f"{len(data.x_train)} training rows, {len(data.x_test)} test rows; Keras float accuracy "
-        f"{100 * keras_accuracy:.2f}%; latency over {repeats} single-sample runs\n"
+        f"{100 * keras_accuracy:.2f}%; latency over {repeats} single-sample runs"
     )
-    lines = [
-        row("figure", "value", "baseline", "ratio", "goal", "pass/short"),
-        row("---", "---", "---", "---", "---", "---"),
-        size_rows("TFLite int8", int8, float32, 0.30),
-        drop_rows("TFLite int8", int8, float32, 1.0),
-        size_rows("TFLite float16", float16, float32, 0.55),
-        drop_rows("TFLite float16", float16, float32, 0.1),
-        row(
-            "latency p50, int8 vs float32 (ai-edge-litert)",
-            f"{latency_int8:.4f} ms",
-            f"{latency_float:.4f} ms",
-            f"{latency_int8 / latency_float:.2f}",
-            "side by side",
-            "info",
-        ),
-        size_rows("ONNX int8 (QDQ)", onnx8, onnx32, None),
-        drop_rows("ONNX int8 (QDQ)", onnx8, onnx32, None),
-    ]
+    size_row("TFLite int8", int8, float32, 0.30)
+    drop_row("TFLite int8", int8, float32, 1.0)
+    size_row("TFLite float16", float16, float32, 0.55)
+    drop_row("TFLite float16", float16, float32, 0.1)
+    results.add(
+        "latency p50, int8 vs float32 (ai-edge-litert)",
+        latency_int8,
+        "ms",
+        value_text=f"{latency_int8:.4f} ms",
+        baseline=latency_float,
+        baseline_text=f"{latency_float:.4f} ms",
+        ratio=latency_int8 / latency_float,
+        ratio_text=f"{latency_int8 / latency_float:.2f}",
+        goal="side by side",
+    )
+    size_row("ONNX int8 (QDQ)", onnx8, onnx32, None)
+    drop_row("ONNX int8 (QDQ)", onnx8, onnx32, None)
     base_seconds = seconds["edge-x86_64-litert"]
     for name in profiles:
         build = builds[name]
-        lines.append(
-            row(
-                f"convert + evaluate: {name} ({build.format} {build.quantization})",
-                f"{seconds[name]:.2f} s",
-                f"{base_seconds:.2f} s (edge-x86_64-litert)",
-                f"{seconds[name] / base_seconds:.2f}",
-                "—",
-                "gate passed"
-                if build.gate.passed
-                else "gate failed: " + "; ".join(build.gate.reasons),
-            )
+        results.add(
+            f"convert + evaluate: {name} ({build.format} {build.quantization})",
+            seconds[name],
+            "s",
+            value_text=f"{seconds[name]:.2f} s",
+            baseline=base_seconds,
+            baseline_text=f"{base_seconds:.2f} s (edge-x86_64-litert)",
+            ratio=seconds[name] / base_seconds,
+            ratio_text=f"{seconds[name] / base_seconds:.2f}",
+            goal="its gates",
+            passed=build.gate.passed,
         )
+        if not build.gate.passed:
+            results.note(f"{name}: gate failed: " + "; ".join(build.gate.reasons))
     pipeline_seconds = train_seconds + sum(seconds.values())
-    lines.append(
-        row(
-            f"whole pipeline: train {epochs} epochs + convert + evaluate, {len(profiles)} profiles",
-            f"{pipeline_seconds:.1f} s",
-            f"{train_seconds:.1f} s (training alone)",
-            f"{pipeline_seconds / train_seconds:.2f}",
-            "≤ 90 s",
-            verdict(pipeline_seconds <= 90.0),
-        )
+    results.add(
+        f"whole pipeline: train {epochs} epochs + convert + evaluate, {len(profiles)} profiles",
+        pipeline_seconds,
+        "s",
+        value_text=f"{pipeline_seconds:.1f} s",
+        baseline=train_seconds,
+        baseline_text=f"{train_seconds:.1f} s (training alone)",
+        ratio=pipeline_seconds / train_seconds,
+        ratio_text=f"{pipeline_seconds / train_seconds:.2f}",
+        goal="≤ 90 s",
+        passed=pipeline_seconds <= 90.0,
     )
-    print("\n".join(lines))
+    results.finish()
 
 
 if __name__ == "__main__":

@@ -15,13 +15,14 @@ server's CPU includes the broker's). Simulated devices (server/simulator) enroll
 through the API and speak the real protocol: signed desired state verified with the
 agent's rules, artifact fetched by blocks, bundle verified.
 
-    python bench/rollout.py [--quick] [--devices N]
+    python bench/rollout.py [--quick] [--devices N] [--results PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -31,7 +32,8 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+
+from results import BenchResults, add_results_argument
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -78,9 +80,12 @@ def start_mosquitto(work: Path) -> tuple[subprocess.Popen[bytes] | None, str]:
     return process, f"mqtt://127.0.0.1:{port}"
 
 
-def register_model(data_dir: Path, hidden: tuple[int, int]) -> tuple[int, int]:
-    """Train a dense digits classifier (about 1 MB as float32 TFLite) and register it
-    through the real pipeline into the server's database and store; returns (version, size)."""
+def register_model(
+    data_dir: Path, hidden: tuple[int, int], database_url: str | None = None
+) -> tuple[int, int]:
+    """Train a dense digits classifier (about 1 MB as float32 TFLite with the full-mode
+    layers) and register it through the real pipeline into the server's database (its
+    SQLite file unless ``database_url`` names another) and store; returns (version, size)."""
     import keras
     import numpy as np
     from sklearn.datasets import load_digits
@@ -137,7 +142,7 @@ def register_model(data_dir: Path, hidden: tuple[int, int]) -> tuple[int, int]:
     predicted = model.predict(apply_preprocessing(steps, data.x_test), verbose=0).argmax(axis=1)
     accuracy = float(np.mean(predicted == data.y_test))
     profiles = {PROFILE: load_profiles()[PROFILE]}
-    engine = create_db_engine(f"sqlite:///{data_dir / 'edgefleet.db'}")
+    engine = create_db_engine(database_url or f"sqlite:///{data_dir / 'edgefleet.db'}")
     keys = load_fleet_keys(data_dir / "keys", now=datetime.now(UTC))
     builds = build_targets(
         model,
@@ -189,7 +194,7 @@ def register_model(data_dir: Path, hidden: tuple[int, int]) -> tuple[int, int]:
     return number, size
 
 
-def run(devices: int, hidden: tuple[int, int], quick: bool) -> list[tuple[Any, ...]]:
+def run(devices: int, hidden: tuple[int, int], quick: bool, results: BenchResults) -> None:
     from server.commands.client import ApiClient
     from server.profiles import get_profile
     from server.simulator import FleetSimulator, SimulatedDevice
@@ -199,12 +204,18 @@ def run(devices: int, hidden: tuple[int, int], quick: bool) -> list[tuple[Any, .
     work = Path(tempfile.mkdtemp(prefix="edgefleet-bench-rollout-"))
     mosquitto, broker = start_mosquitto(work)
     port = free_port()
+    admin_token = secrets.token_urlsafe(32)
     env = {
         **os.environ,
         "EDGEFLEET_DATA_DIR": str(work / "server"),
         "EDGEFLEET_RUN_JOBS": "false",
         "EDGEFLEET_ROLLOUT_TICK_SECONDS": "0.5",
         "EDGEFLEET_LOG_LEVEL": "WARNING",
+        # the bench is the operator (dev mode takes any admin token it is given), and
+        # enrolls the whole fleet from one address with one token
+        "EDGEFLEET_ADMIN_TOKEN": admin_token,
+        "EDGEFLEET_ENROLL_PER_MINUTE_PER_ADDRESS": "1000000",
+        "EDGEFLEET_ENROLL_PER_MINUTE_PER_TOKEN": "1000000",
     }
     server = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "server", "--broker", broker, "--port", str(port)],
@@ -215,7 +226,7 @@ def run(devices: int, hidden: tuple[int, int], quick: bool) -> list[tuple[Any, .
     simulator = None
     try:
         wait_port(port, 60, "edgefleet server")
-        client = ApiClient(f"http://127.0.0.1:{port}")
+        client = ApiClient(f"http://127.0.0.1:{port}", token=admin_token)
         version, size = register_model(work / "server", hidden)
         profile = get_profile(PROFILE)
         client.post("/groups", json={"name": "bench"})
@@ -293,43 +304,45 @@ def run(devices: int, hidden: tuple[int, int], quick: bool) -> list[tuple[Any, .
         cpu = cpu_seconds(server.pid) - cpu_start
         stats = simulator.stats()
         delivered = stats.bytes_received / (size * devices)
-        return [
-            ("devices", devices, "", "", "", None),
-            ("artifact (signed bundle)", f"{size / 1e6:.2f} MB", "", "", "≈ 1 MB", None),
-            ("enrollment through the API", f"{enroll_seconds:.1f} s", "", "", "", None),
-            (
-                "rollout start → all activated",
-                f"{elapsed:.1f} s",
-                f"{devices / elapsed:.1f} devices/s",
-                "",
-                "",
-                None,
-            ),
-            (
-                "bytes delivered ÷ (artifact × devices)",
-                f"{delivered:.3f}",
-                "1.0 (each byte once)",
-                f"{delivered:.3f}",
-                "1.0",
-                abs(delivered - 1.0) < 1e-9,
-            ),
-            (
-                "server CPU per device",
-                f"{cpu / devices * 1000:.1f} ms",
-                f"idle: {cpu_idle / idle_window:.2f} CPU-s/s",
-                f"{cpu / max(elapsed, 1e-9):.2f} CPU-s/s busy",
-                "",
-                None,
-            ),
-            (
-                "block requests per device",
-                f"{stats.block_requests / devices:.1f}",
-                "",
-                "",
-                "",
-                None,
-            ),
-        ]
+        results.note(
+            f"rollout benchmark ({'quick' if quick else 'full'}): {devices} simulated devices, "
+            f"a {size / 1e6:.2f} MB signed bundle, broker: "
+            f"{'Mosquitto (own process)' if mosquitto is not None else 'embedded'}; "
+            f"enrolling them through the API took {enroll_seconds:.1f} s"
+        )
+        results.add(
+            "rollout start → all activated",
+            elapsed,
+            "s",
+            value_text=f"{elapsed:.1f} s",
+            baseline_text=f"{devices / elapsed:.1f} devices/s",
+        )
+        results.add(
+            "bytes delivered ÷ (artifact × devices)",
+            delivered,
+            value_text=f"{delivered:.3f}",
+            baseline=1.0,
+            baseline_text="1.0 (each byte once)",
+            ratio=delivered,
+            ratio_text=f"{delivered:.3f}",
+            goal="1.0",
+            passed=abs(delivered - 1.0) < 1e-9,
+        )
+        results.add(
+            "server CPU per device",
+            cpu / devices * 1000,
+            "ms",
+            value_text=f"{cpu / devices * 1000:.1f} ms",
+            baseline=cpu_idle / idle_window,
+            baseline_text=f"idle: {cpu_idle / idle_window:.2f} CPU-s/s",
+            ratio=cpu / max(elapsed, 1e-9) / max(cpu_idle / idle_window, 1e-9),
+            ratio_text=f"{cpu / max(elapsed, 1e-9):.2f} CPU-s/s busy",
+        )
+        results.add(
+            "block requests per device",
+            stats.block_requests / devices,
+            value_text=f"{stats.block_requests / devices:.1f}",
+        )
     finally:
         if simulator is not None:
             simulator.stop()
@@ -348,15 +361,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small fleet (CI)")
     parser.add_argument("--devices", type=int, default=None)
+    add_results_argument(parser)
     args = parser.parse_args()
     devices = args.devices or (20 if args.quick else 500)
     hidden = (96, 64) if args.quick else (512, 448)
-    rows = run(devices, hidden, args.quick)
-    print(f"\nrollout benchmark ({'quick' if args.quick else 'full'}), {devices} devices")
-    print(f"{'figure':42} {'value':>14} {'baseline':>24} {'ratio':>18} {'goal':>8}  result")
-    for name, value, baseline, ratio, goal, passed in rows:
-        verdict = "" if passed is None else ("pass" if passed else "short")
-        print(f"{name:42} {value!s:>14} {baseline!s:>24} {ratio!s:>18} {goal!s:>8}  {verdict}")
+    results = BenchResults("rollout", quick=args.quick, path=args.results)
+    run(devices, hidden, args.quick, results)
+    results.finish()
 
 
 if __name__ == "__main__":

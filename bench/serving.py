@@ -16,7 +16,7 @@ The latencies are measured in interleaved rounds (every candidate once per round
 median of each round's p50s reported), so that load from other processes on the
 machine falls on the baseline and the candidates alike.
 
-    python bench/serving.py [--quick]
+    python bench/serving.py [--quick] [--results PATH]
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ import urllib.request
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+from results import BenchResults, add_results_argument
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -177,6 +179,7 @@ def free_port() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer epochs and repeats (CI)")
+    add_results_argument(parser)
     args = parser.parse_args()
     rounds, repeats = (5, 400) if args.quick else (10, 2000)
     work = Path(tempfile.mkdtemp(prefix="edgefleet-bench-agent-"))
@@ -293,86 +296,99 @@ def main() -> None:
     subprocess.check_call([sys.executable, "-c", "import numpy"])
     cold_base = time.perf_counter() - started
 
-    def row_(name: str, value: str, base: str, ratio: float, goal: str, ok: bool | None) -> str:
-        verdict = "info" if ok is None else ("pass" if ok else "short")
-        return f"| {name} | {value} | {base} | {ratio:.2f} | {goal} | {verdict} |"
-
-    print("| figure | value | baseline | ratio | goal | pass/short |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    print(
-        row_(
-            "predict() with monitoring p50 / bare invoke() p50",
-            f"{predict_monitored:.1f} us",
-            f"{bare_invoke:.1f} us",
-            predict_monitored / bare_invoke,
-            "≤ 1.15",
-            predict_monitored / bare_invoke <= 1.15,
-        )
+    results = BenchResults("serving", quick=args.quick, path=args.results)
+    results.note(
+        f"digits CNN on the agent; latencies: median over {rounds} interleaved rounds of a "
+        f"p50 of {repeats} calls"
     )
-    print(
-        row_(
-            "predict() with monitoring p50 / set+invoke+get p50",
-            f"{predict_monitored:.1f} us",
-            f"{bare_io:.1f} us",
-            predict_monitored / bare_io,
-            "info",
-            None,
-        )
+    ratio = predict_monitored / bare_invoke
+    results.add(
+        "predict() with monitoring p50 / bare invoke() p50",
+        predict_monitored,
+        "us",
+        value_text=f"{predict_monitored:.1f} us",
+        baseline=bare_invoke,
+        baseline_text=f"{bare_invoke:.1f} us",
+        ratio=ratio,
+        ratio_text=f"{ratio:.2f}",
+        goal="≤ 1.15",
+        passed=ratio <= 1.15,
     )
-    print(
-        row_(
-            "where it goes: predict() alone p50 / bare invoke() p50",
-            f"{timings['predict']:.1f} us",
-            f"{bare_invoke:.1f} us",
-            timings["predict"] / bare_invoke,
-            "info",
-            None,
-        )
+    results.add(
+        "predict() with monitoring p50 / set+invoke+get p50",
+        predict_monitored,
+        "us",
+        value_text=f"{predict_monitored:.1f} us",
+        baseline=bare_io,
+        baseline_text=f"{bare_io:.1f} us",
+        ratio=predict_monitored / bare_io,
+        ratio_text=f"{predict_monitored / bare_io:.2f}",
     )
-    print(
-        row_(
-            "where it goes: WindowMonitor.record() alone p50 / bare invoke() p50",
-            f"{timings['record']:.2f} us",
-            f"{bare_invoke:.1f} us",
-            timings["record"] / bare_invoke,
-            "info",
-            None,
-        )
+    results.add(
+        "where it goes: predict() alone p50 / bare invoke() p50",
+        timings["predict"],
+        "us",
+        value_text=f"{timings['predict']:.1f} us",
+        baseline=bare_invoke,
+        baseline_text=f"{bare_invoke:.1f} us",
+        ratio=timings["predict"] / bare_invoke,
+        ratio_text=f"{timings['predict'] / bare_invoke:.2f}",
     )
-    print(
-        row_(
-            "RSS after loading the model (agent)",
-            f"{rss / 2**20:.1f} MB",
-            f"{rss_base / 2**20:.1f} MB (python + numpy)",
-            rss / rss_base,
-            "≤ 80 MB",
-            rss <= 80 * 2**20,
-        )
+    results.add(
+        "where it goes: WindowMonitor.record() alone p50 / bare invoke() p50",
+        timings["record"],
+        "us",
+        value_text=f"{timings['record']:.2f} us",
+        baseline=bare_invoke,
+        baseline_text=f"{bare_invoke:.1f} us",
+        ratio=timings["record"] / bare_invoke,
+        ratio_text=f"{timings['record'] / bare_invoke:.2f}",
+    )
+    results.add(
+        "RSS after loading the model (agent)",
+        rss / 2**20,
+        "MB",
+        value_text=f"{rss / 2**20:.1f} MB",
+        baseline=rss_base / 2**20,
+        baseline_text=f"{rss_base / 2**20:.1f} MB (python + numpy)",
+        ratio=rss / rss_base,
+        ratio_text=f"{rss / rss_base:.2f}",
+        goal="≤ 80 MB",
+        passed=rss <= 80 * 2**20,
     )
     if agent_rss is not None:
-        print(
-            row_(
-                "RSS of the running edgefleet-agent after its first prediction",
-                f"{agent_rss / 2**20:.1f} MB",
-                f"{rss_base / 2**20:.1f} MB (python + numpy)",
-                agent_rss / rss_base,
-                "info",
-                None,
-            )
+        results.add(
+            "RSS of the running edgefleet-agent after its first prediction",
+            agent_rss / 2**20,
+            "MB",
+            value_text=f"{agent_rss / 2**20:.1f} MB",
+            baseline=rss_base / 2**20,
+            baseline_text=f"{rss_base / 2**20:.1f} MB (python + numpy)",
+            ratio=agent_rss / rss_base,
+            ratio_text=f"{agent_rss / rss_base:.2f}",
         )
     if cold is None:
-        print("| cold start | did not serve within 60 s | | | ≤ 1.5 s | short |")
-    else:
-        print(
-            row_(
-                "cold start: process start → first prediction over the local API",
-                f"{cold:.2f} s",
-                f"{cold_base:.2f} s (python -c 'import numpy')",
-                cold / cold_base,
-                "≤ 1.5 s",
-                cold <= 1.5,
-            )
+        results.add(
+            "cold start",
+            None,
+            value_text="did not serve within 60 s",
+            goal="≤ 1.5 s",
+            passed=False,
         )
+    else:
+        results.add(
+            "cold start: process start → first prediction over the local API",
+            cold,
+            "s",
+            value_text=f"{cold:.2f} s",
+            baseline=cold_base,
+            baseline_text=f"{cold_base:.2f} s (python -c 'import numpy')",
+            ratio=cold / cold_base,
+            ratio_text=f"{cold / cold_base:.2f}",
+            goal="≤ 1.5 s",
+            passed=cold <= 1.5,
+        )
+    results.finish()
 
 
 if __name__ == "__main__":

@@ -29,10 +29,11 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 import paho.mqtt.client as mqtt
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -56,8 +57,12 @@ from server.api.routes import (
     samples,
 )
 from server.artifacts import ArtifactStore
+from server.auth import install as install_operator_access
+from server.auth import routes as auth_routes
+from server.auth.deps import operator_access, require_admin
 from server.brokerconf.hooks import STATE_ATTRIBUTE as BROKER_CONFIG_STATE
 from server.brokerconf.hooks import start_broker_config_writer
+from server.dashboard import mount_dashboard
 from server.db import create_db_engine, migrate, session_scope, utcnow
 from server.delivery.blocks import BlockServer
 from server.drift.retention import RetentionJob, RetentionPolicy
@@ -65,7 +70,14 @@ from server.errors import ConfigurationError, ServerError
 from server.fleet.inventory import InventoryHook, start_inventory_consumer
 from server.ingest.telemetry import TelemetryIngestor
 from server.ingest.workers import IngestWorkers, device_consumers, server_worker_specs
-from server.keys import FleetKeys, init_keys, load_fleet_keys, record_keyring
+from server.keys import (
+    FleetKeys,
+    KeyringWatcher,
+    init_keys,
+    keyring_recorder,
+    load_fleet_keys,
+    record_keyring,
+)
 from server.profiles import DEFAULT_PROFILES_DIR, load_profiles
 from server.rollouts.desired import DesiredPublisher
 from server.rollouts.engine import RolloutEngine
@@ -267,6 +279,27 @@ def _start_broker_services(
     return hooks
 
 
+def _document_error_details(app: FastAPI) -> None:
+    """A 422 carries FastAPI's list of validation errors, or -- from the server's own checks
+    (:class:`ServerError`) -- one message naming the problem: the document says both."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        error = schema.get("components", {}).get("schemas", {}).get("HTTPValidationError")
+        if error is not None and "detail" in error.get("properties", {}):
+            listed = error["properties"]["detail"]
+            error["properties"]["detail"] = {
+                "anyOf": [listed, {"type": "string"}],
+                "title": "Detail",
+            }
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(
     settings: Settings | None = None, *, clock: Callable[[], datetime] | None = None
 ) -> FastAPI:
@@ -293,6 +326,7 @@ def create_app(
             app.state.engine = engine
             app.state.keys = keys
             app.state.clock = now_of
+            install_operator_access(app, settings)
             app.state.artifacts = ArtifactStore(
                 settings.artifacts_dir, max_bytes=settings.max_artifact_bytes
             )
@@ -337,7 +371,7 @@ def create_app(
                 sla_profiles = load_profiles(settings.profiles_dir or DEFAULT_PROFILES_DIR)
                 context = EvaluationContext(
                     store=app.state.artifacts,
-                    keys=keys,
+                    keys=lambda: app.state.keys,  # the current ones: the keys folder is followed
                     latency_sla_ms={n: p.latency_sla_ms_p95 for n, p in sla_profiles.items()},
                     accuracy_source=accuracy,
                 )
@@ -369,6 +403,17 @@ def create_app(
             app.state.inventory = inventory
             if inventory is not None:
                 stack.callback(inventory.stop)
+            # The server follows its keys folder: `edgefleet keys rotate-online | revoke |
+            # renew` take effect without a restart, and the desired states are re-signed
+            # with the new keyring at the rollout engine's next pass.
+            watcher = KeyringWatcher(settings.keys_dir, keys, clock=now_of)
+            watcher.subscribe(lambda new: setattr(app.state, "keys", new))
+            watcher.subscribe(keyring_recorder(engine))
+            publisher = app.state.desired_publisher
+            if publisher is not None:
+                watcher.subscribe(lambda new: setattr(publisher, "keys", new))
+            watcher.start()
+            stack.callback(watcher.stop)
             log.info(
                 "server ready",
                 extra={
@@ -395,14 +440,16 @@ def create_app(
     async def server_error(_request: Request, exc: ServerError) -> JSONResponse:
         return JSONResponse(status_code=exc.status_code, content={"detail": str(exc)})
 
+    # Device-facing and public routes: health, the keyring, enrollment (a provisioning
+    # token) and artifact delivery (device HTTP Basic credentials).
+    for router in (health.router, keyring.router, delivery.router, enrollment.router):
+        app.include_router(router, prefix=API_PREFIX)
+    # Operator routes: a bearer token whose role fits the method (server.auth.deps) ...
     for router in (
-        health.router,
-        keyring.router,
+        auth_routes.router,
         datasets.router,
         runs.router,
         models.router,
-        delivery.router,
-        enrollment.router,
         devices.router,
         groups.router,
         drift.router,
@@ -414,5 +461,10 @@ def create_app(
         alerts.router,
         retraining.router,
     ):
-        app.include_router(router, prefix=API_PREFIX)
+        app.include_router(router, prefix=API_PREFIX, dependencies=[Depends(operator_access)])
+    # ... and the admin's: operator tokens, the audit log, provisioning tokens.
+    for router in (auth_routes.admin_router, enrollment.tokens_router):
+        app.include_router(router, prefix=API_PREFIX, dependencies=[Depends(require_admin)])
+    _document_error_details(app)
+    mount_dashboard(app)
     return app

@@ -5,9 +5,6 @@ Settings come from the environment (``EDGEFLEET_*``); options given here win.
 
 from __future__ import annotations
 
-import json
-import sys
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -22,8 +19,11 @@ from server.commands import devices as devices_commands
 from server.commands import drift as drift_commands
 from server.commands import feedback as feedback_commands
 from server.commands import groups as groups_commands
+from server.commands import image as image_commands
 from server.commands import ingest as ingest_commands
+from server.commands import keys as keys_commands
 from server.commands import models as models_commands
+from server.commands import operators as operators_commands
 from server.commands import retraining as retraining_commands
 from server.commands import rollouts as rollouts_commands
 from server.commands import samples as samples_commands
@@ -38,8 +38,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-keys_app = typer.Typer(help="The fleet's signing keys (root, online keys, keyring).")
-app.add_typer(keys_app, name="keys")
+app.add_typer(keys_commands.app, name="keys")
 app.add_typer(datasets_commands.app, name="datasets")
 datasets_commands.app.add_typer(samples_commands.app, name="samples")
 app.command("train", help="Start a training run on a dataset version (--wait shows its progress).")(
@@ -53,6 +52,8 @@ app.add_typer(rollouts_commands.app, name="rollouts")
 devices_commands.app.command("pin")(rollouts_commands.pin)
 devices_commands.app.command("unpin")(rollouts_commands.unpin)
 app.add_typer(tokens_commands.app, name="tokens")
+app.add_typer(operators_commands.app, name="operators")
+app.command("audit")(operators_commands.audit)
 app.command(
     "simulate", help="Enroll simulated devices and run them against the server and broker."
 )(simulate_commands.simulate)
@@ -63,6 +64,7 @@ app.command("drift", help="A model's fleet drift and SLA view (features, devices
 app.add_typer(feedback_commands.app, name="feedback")
 app.add_typer(alerts_commands.app, name="alerts")
 app.add_typer(retraining_commands.app, name="retraining")
+app.add_typer(image_commands.app, name="image")
 app.command("ingest", help="Run N ingestion worker processes on a shared subscription.")(
     ingest_commands.ingest
 )
@@ -175,42 +177,6 @@ def demo(
     from server.demo import run_demo
 
     raise typer.Exit(run_demo(data_dir=data_dir, exit_after=exit_after, port=port))
-
-
-@keys_app.command("init")
-def keys_init(
-    keys_dir: Annotated[Path, typer.Option(help="Folder for the key files.")] = Path(
-        "edgefleet-data/keys"
-    ),
-    lifetime_days: Annotated[int, typer.Option(help="Keyring lifetime in days.")] = 90,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
-) -> None:
-    """Create the root key, an online key and a signed keyring (only what is missing)."""
-    from server.errors import ServerError
-    from server.keys import init_keys
-
-    try:
-        keys = init_keys(keys_dir, now=datetime.now(UTC), lifetime=timedelta(days=lifetime_days))
-    except ServerError as e:
-        err.print(f"[red]error:[/] {e}")
-        raise typer.Exit(1) from e
-    info = {
-        "keys_dir": str(keys_dir),
-        "root_keyid": keys.root_public.keyid,
-        "root_public_key": keys.root_public.to_base64(),
-        "keyring_version": keys.keyring.version,
-        "keyring_expires_at": keys.keyring.expires_at.isoformat(),
-        "online_keyids": [k.keyid for k in keys.online],
-    }
-    if as_json:
-        sys.stdout.write(json.dumps(info) + "\n")
-        return
-    for name, value in info.items():
-        typer.echo(f"{name:20} {value}")
-    if (keys_dir / "root.key").exists():
-        err.print(
-            "[yellow]root.key[/] signs keyrings only: move it offline; the server runs without it."
-        )
 
 
 def main() -> None:

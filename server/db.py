@@ -17,7 +17,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import DateTime, event
+from sqlalchemy import DateTime, event, text
 from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Session, create_engine
@@ -95,8 +95,25 @@ def alembic_config(engine: Engine) -> Config:
 
 
 def migrate(engine: Engine, revision: str = "head") -> None:
-    """Upgrade the schema to ``revision`` (default: the newest)."""
-    command.upgrade(alembic_config(engine), revision)
+    """Upgrade the schema to ``revision`` (default: the newest).
+
+    On PostgreSQL the upgrade holds an advisory lock per schema, so processes that start
+    together on an empty database (API replicas, ingest workers) migrate one after the
+    other instead of colliding; the later ones find the schema current. SQLite has one
+    writer, and the embedded default one server process.
+    """
+    if engine.dialect.name != "postgresql":
+        command.upgrade(alembic_config(engine), revision)
+        return
+    key = "hashtext('edgefleet-migrate:' || current_schema())"
+    with engine.connect() as lock:
+        lock.execute(text(f"SELECT pg_advisory_lock({key})"))
+        lock.commit()
+        try:
+            command.upgrade(alembic_config(engine), revision)
+        finally:
+            lock.execute(text(f"SELECT pg_advisory_unlock({key})"))
+            lock.commit()
 
 
 @contextmanager

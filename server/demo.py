@@ -1,21 +1,21 @@
-"""``edgefleet demo``: the loop as far as it is built, on embedded defaults, end to end.
+"""``edgefleet demo``: the whole loop on embedded defaults, end to end.
 
 What it does, in order, printing progress as it goes:
 
 1. Starts the embedded MQTT broker and the server (SQLite file, local artifact folder,
-   job runner, rollout engine, telemetry ingestion, inventory) on free loopback ports,
-   so it never meets a Mosquitto or a server on the default ports.
+   job runner, rollout engine, telemetry ingestion, inventory, alert evaluator) on free
+   loopback ports, so it never meets a Mosquitto or a server on the default ports.
 2. Adds the bundled digits dataset and trains the reference CNN as a background run;
    shows the per-target artifacts the pipeline built (converted, evaluated in each
    target's runtime, gated, signed) and promotes the version to ``candidate``.
 3. Builds a fleet of real agents: two static groups (``line-a``, ``line-b``), an
    auto-accepting provisioning token per group scoped to the x86 edge profile, and
    :data:`AGENTS_PER_GROUP` ``edgefleet-agent`` processes per group, each with its own
-   data folder and local API port, enrolled with ``edgefleet-agent enroll`` and run
-   with ``edgefleet-agent run --config FILE``.
+   data folder, local API port and opt-in sample capture, enrolled with
+   ``edgefleet-agent enroll`` and run with ``edgefleet-agent run --config FILE``.
 4. Streams camera frames (the digits test split, one row per request) into every
-   agent's local API; ``line-b``'s cameras have glare on the left edge of the lens
-   (:func:`_glare`), so their input drifts on those pixels and on no other.
+   agent's local API, and labels every answer through the agent's ``/v1/feedback``, as
+   an inspection station would. A drift alert rule per group is set up.
 5. Rolls the promoted version out to ``line-a`` as a canary (one device, observed for
    two telemetry windows, then the rest) and then to ``line-b``, shown live from the
    rollout API: devices per phase and the health gates the agents' telemetry feeds
@@ -26,8 +26,16 @@ What it does, in order, printing progress as it goes:
    topic, which anyone on the open embedded broker can do -- a desired state signed
    for another device and one signed by a key the fleet's root never listed; the
    agent refuses both and reports why (read back from the inventory).
-7. Shows the fleet drift per group from the drift API: ``line-b`` drifted on the
-   glare pixels, ``line-a`` not.
+7. Glare comes on ``line-b``'s cameras (:func:`_glare`: the left edge of the lens),
+   so their input drifts on those pixels and on no other. The fleet drift per group,
+   from the drift API: ``line-b`` drifted on the glare pixels, ``line-a`` not; the
+   drift alert opens for ``line-b`` only.
+8. The labelled frames ``line-b``'s agents captured under glare become a new version
+   of the training data (with lineage). The retraining policy -- the same drift
+   condition, on either line -- fires for ``line-b`` with its evidence (devices,
+   features), trains on that newest version, the new version passes its gates and
+   becomes ``candidate``, and its canary rollout to ``line-b`` completes; ``line-a``
+   stays on the first version (inventory again).
 
 It then prints a summary with the API's URL, writes it as JSON to
 ``<data dir>/demo-summary.json``, and serves until Ctrl-C (``--exit-after`` ends it
@@ -66,6 +74,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from server.auth.tokens import read_admin_token
 from server.commands.client import ApiClient, ApiError
 
 __all__ = ["AGENTS_PER_GROUP", "GROUPS", "MODEL_NAME", "SUMMARY_FILE", "run_demo"]
@@ -84,6 +93,10 @@ WINDOW_SECONDS = 5.0
 """The agents' telemetry window: short, so the server hears from them quickly."""
 FRAMES_PER_SECOND = 40.0
 """Requests (one row each) a camera sends its agent per second."""
+FEEDBACK_BATCH = 40
+"""Labels a stream posts to its agent's ``/v1/feedback`` at a time (a second's worth)."""
+CAPTURE_PER_WINDOW = 32
+"""Input rows an agent captures per telemetry window (opt-in sample capture)."""
 CANARY_OBSERVATION_SECONDS = 2 * WINDOW_SECONDS
 """How long the canary is watched after it activated: two telemetry windows of evidence."""
 GLARE_COLUMNS = (0, 1)
@@ -101,6 +114,20 @@ ROLLOUT_GATES: dict[str, Any] = {
 }
 DRIFT_MIN_SAMPLES = 500
 """Values of a feature a device needs before the drift API judges that device on it."""
+DRIFT_CONDITION: dict[str, Any] = {
+    "kind": "drift",
+    "metric": "psi",
+    "threshold": 0.25,
+    "min_device_share": 0.3,
+    "windows": 1,
+    "min_samples": DRIFT_MIN_SAMPLES,
+}
+"""The alert rules' and the retraining policy's condition: one (hourly) window, the hour
+in progress, so the demo need not wait for the hour to end."""
+ALERT_INTERVAL_SECONDS = 2.0
+"""How often the server judges alert rules and retraining policies (60 s by default)."""
+MIN_LABELLED_SAMPLES = 150
+"""Labelled glare frames the drifted group must have sent before they become data."""
 
 AGENT_STOP_SECONDS = 10.0
 ROLLOUT_TIMEOUT_SECONDS = 120.0
@@ -289,6 +316,10 @@ class AgentProcess:
             "\n[http]\n"
             'host = "127.0.0.1"\n'
             f"port = {self.port}\n"
+            "\n[capture]\n"
+            "# keep some raw frames per window, so labelled ones can become training data\n"
+            "enabled = true\n"
+            f"max_per_window = {CAPTURE_PER_WINDOW}\n"
             "\n[limits]\n"
             "# judged on its first real inferences; without traffic, after 15 s\n"
             "health_check_max_seconds = 15\n"
@@ -381,7 +412,13 @@ def _stop_agents(agents: Sequence[AgentProcess]) -> None:
 
 class CameraStream(threading.Thread):
     """Sends one row per request to an agent's local API at a steady rate, as a camera
-    would, and counts the answers (the demo knows the labels, the agent does not)."""
+    would, and labels each answer afterwards, as the line's inspection station would: the
+    true labels go back to the agent's ``/v1/feedback`` in batches of
+    :data:`FEEDBACK_BATCH` (the agent forwards them to the server through its outbox).
+
+    While ``glare`` is set, the frames come from ``glared`` (the same frames through a
+    lens with glare) instead of ``rows``.
+    """
 
     def __init__(
         self,
@@ -390,15 +427,40 @@ class CameraStream(threading.Thread):
         rows: np.ndarray,
         labels: np.ndarray,
         stop: threading.Event,
+        *,
+        label_names: Sequence[str],
+        glared: np.ndarray | None = None,
+        glare: threading.Event | None = None,
     ) -> None:
         super().__init__(name=f"stream-{device_id}", daemon=True)
         self.device_id = device_id
         self._port = port
         self._bodies = [json.dumps({"instance": row.tolist()}).encode() for row in rows]
+        self._glared = (
+            None
+            if glared is None
+            else [json.dumps({"instance": row.tolist()}).encode() for row in glared]
+        )
+        self._glare = glare
         self._labels = labels.tolist()
+        self._label_names = list(label_names)
         self._stopping = stop
+        self._pending: list[dict[str, Any]] = []
         self.answered = 0
         self.correct = 0
+        self.since_glare_answered = 0
+        self.since_glare_correct = 0
+        self.labelled = 0
+        self.label_failures = 0
+
+    def accuracy(self, *, since_glare: bool) -> tuple[int, int]:
+        """(correct, answered) before the glare came on the drifted group (or since)."""
+        if since_glare:
+            return self.since_glare_correct, self.since_glare_answered
+        return (
+            self.correct - self.since_glare_correct,
+            self.answered - self.since_glare_answered,
+        )
 
     def run(self) -> None:
         period = 1.0 / FRAMES_PER_SECOND
@@ -408,36 +470,56 @@ class CameraStream(threading.Thread):
         try:
             while not self._stopping.is_set():
                 i = sent % len(self._bodies)
+                since_glare = self._glare is not None and self._glare.is_set()
+                bodies = self._glared if since_glare and self._glared is not None else self._bodies
                 try:
                     if connection is None:
                         connection = http.client.HTTPConnection("127.0.0.1", self._port, timeout=5)
-                    connection.request(
-                        "POST",
-                        "/v1/predict",
-                        body=self._bodies[i],
-                        headers={"Content-Type": "application/json"},
-                    )
-                    response = connection.getresponse()
-                    body = response.read()
+                    status, body = self._post(connection, "/v1/predict", bodies[i])
+                    if len(self._pending) >= FEEDBACK_BATCH:
+                        self._send_feedback(connection)
                 except (OSError, http.client.HTTPException):
                     if connection is not None:
                         connection.close()
                     connection = None  # the agent is starting, or closed an idle connection
                     self._stopping.wait(0.5)
                     continue
-                if response.status == 503:  # no model active yet: the rollout has not come
+                if status == 503:  # no model active yet: the rollout has not come
                     self._stopping.wait(0.25)
                     continue
                 sent += 1
-                if response.status == 200:
+                if status == 200:
                     answer = json.loads(body)
+                    right = answer["predictions"][0]["class"] == self._labels[i]
                     self.answered += 1
-                    self.correct += answer["predictions"][0]["class"] == self._labels[i]
+                    self.correct += right
+                    self.since_glare_answered += since_glare
+                    self.since_glare_correct += since_glare and right
+                    self._pending.append(
+                        {
+                            "prediction_id": answer["prediction_ids"][0],
+                            "true_label": self._label_names[self._labels[i]],
+                        }
+                    )
                 next_at = max(next_at + period, time.monotonic() - period)
                 self._stopping.wait(max(0.0, next_at - time.monotonic()))
         finally:
             if connection is not None:
                 connection.close()
+
+    @staticmethod
+    def _post(connection: http.client.HTTPConnection, path: str, body: bytes) -> tuple[int, bytes]:
+        connection.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        return response.status, response.read()
+
+    def _send_feedback(self, connection: http.client.HTTPConnection) -> None:
+        batch, self._pending = self._pending, []
+        status, _ = self._post(connection, "/v1/feedback", json.dumps({"feedback": batch}).encode())
+        if status == 202:
+            self.labelled += len(batch)
+        else:  # e.g. the model was replaced and its predictions are no longer known
+            self.label_failures += len(batch)
 
 
 # ----------------------------------------------------------------------------- MQTT
@@ -502,6 +584,9 @@ class _Demo:
     summary: dict[str, Any] = field(default_factory=lambda: {"completed": False})
     settings: Any = None
     artifact_sha256: str = ""
+    glare: threading.Event = field(default_factory=threading.Event)
+    glare_started: datetime | None = None
+    token: str = ""
 
     def step(self, text: str) -> None:
         self.console.print(f"[bold cyan]▶[/] {text}")
@@ -525,12 +610,17 @@ class _Demo:
             broker_url=self.broker.url,
             mode="dev",
             rollout_tick_seconds=0.5,
+            alert_interval_seconds=ALERT_INTERVAL_SECONDS,
         )
         self.settings = settings
         api_port = port or _free_port()
         self.api, self.api_thread = _start_api(settings, api_port)
         self.base_url = f"http://127.0.0.1:{api_port}"
-        self.client = ApiClient(self.base_url)
+        # dev mode: the server made an admin token at its first start; the demo acts with it
+        self.token = read_admin_token(settings.data_dir) or ""
+        if not self.token:
+            raise DemoError(f"the server wrote no admin token in {settings.data_dir}")
+        self.client = ApiClient(self.base_url, token=self.token)
         self.console.print(
             f"  API {self.base_url}/api/v1 · docs {self.base_url}/docs · broker {self.broker.url}"
         )
@@ -675,23 +765,31 @@ class _Demo:
     # -- 4. streams
 
     def start_streams(self, dataset: Any) -> list[str]:
-        """A camera stream per agent from the test split; glare on the drifted group's.
-        Returns the features the glare touches."""
+        """A camera stream per agent from the test split, labelled after each answer;
+        the drifted group's cameras can switch to glare (:meth:`start_glare`). Returns the
+        features the glare touches."""
         shape = dataset.schema.input_shape  # (8, 8, 1): rows, columns, channels
         width = int(shape[1]) if len(shape) > 1 else math.isqrt(dataset.n_features)
         drifted = _glare_features(dataset.schema.feature_names, width)
+        label_names = dataset.schema.class_names or [str(c) for c in range(10)]
         self.step(
-            f"streaming camera frames into every agent's local API ({FRAMES_PER_SECOND:g}/s each); "
-            f"{DRIFTED_GROUP}'s cameras have glare on the left edge ({len(drifted)} pixels)"
+            f"streaming camera frames into every agent's local API ({FRAMES_PER_SECOND:g}/s "
+            "each); an inspection station labels every answer through the agent's /v1/feedback"
         )
         rng = np.random.default_rng(7)
         for agent in self.agents:
             order = rng.permutation(len(dataset.x_test))
             rows = dataset.x_test[order]
-            if agent.group == DRIFTED_GROUP:
-                rows = _glare(rows, width=width, rng=rng)
+            glared = _glare(rows, width=width, rng=rng) if agent.group == DRIFTED_GROUP else None
             stream = CameraStream(
-                agent.device_id, agent.port, rows, dataset.y_test[order], self.stop_streams
+                agent.device_id,
+                agent.port,
+                rows,
+                dataset.y_test[order],
+                self.stop_streams,
+                label_names=label_names,
+                glared=glared,
+                glare=self.glare,
             )
             stream.start()
             self.streams.append(stream)
@@ -699,6 +797,15 @@ class _Demo:
             "  no model is on the devices yet: they answer 503 until the rollout brings one"
         )
         return drifted
+
+    def start_glare(self, drifted_features: Sequence[str]) -> None:
+        self.step(
+            f"the sun comes out: {DRIFTED_GROUP}'s cameras get glare on the left edge of the lens "
+            f"({len(drifted_features)} pixels); "
+            f"{' and '.join(g for g in GROUPS if g != DRIFTED_GROUP)} stays as it was"
+        )
+        self.glare_started = datetime.now(UTC)
+        self.glare.set()
 
     # -- 5. rollouts
 
@@ -814,19 +921,20 @@ class _Demo:
         )
         return dict(r)
 
-    def show_inventory(self, version: int) -> dict[str, dict[str, Any]]:
-        """Every device with what it runs, once each has reported ``version`` in its
-        retained state (a device's activation event can come before its new state)."""
+    def show_inventory(self, versions: dict[str, int]) -> dict[str, dict[str, Any]]:
+        """Every device with what it runs, once each has reported its group's version in
+        ``versions`` in its retained state (a device's activation event can come before
+        its new state)."""
         self.step("who runs what, from the inventory (the devices' retained state topics)")
         deadline = time.monotonic() + 15
         while True:
             devices = {g: self.api_client.get("/devices", params={"group": g}) for g in GROUPS}
             reported = all(
                 any(
-                    m["model_name"] == MODEL_NAME and m["model_version"] == version
+                    m["model_name"] == MODEL_NAME and m["model_version"] == versions[group]
                     for m in d["models"]
                 )
-                for found in devices.values()
+                for group, found in devices.items()
                 for d in found
             )
             if reported or time.monotonic() > deadline:
@@ -984,6 +1092,7 @@ class _Demo:
         )
         members = {g: sum(a.group == g for a in self.agents) for g in GROUPS}
         deadline = time.monotonic() + DRIFT_TIMEOUT_SECONDS
+        since = "1h" if self.glare_started is None else self.glare_started.isoformat()
 
         def query(group: str) -> dict[str, Any]:
             report: dict[str, Any] = client.get(
@@ -992,7 +1101,7 @@ class _Demo:
                     "model": MODEL_NAME,
                     "version": str(version),
                     "group": group,
-                    "since": "1h",
+                    "since": since,
                     "min_samples": DRIFT_MIN_SAMPLES,
                     "top": 10,
                 },
@@ -1038,9 +1147,7 @@ class _Demo:
                     "-" if f["devices_act_share"] is None else f"{f['devices_act_share']:.0%}",
                 )
             table.add_section()
-            in_group = {a.device_id for a in self.agents if a.group == group}
-            stream = [s for s in self.streams if s.device_id in in_group]
-            answered = sum(s.answered for s in stream)
+            correct, answered = self._accuracy(group, since_glare=True)
             result[group] = {
                 "devices": report["devices"]["in_scope"],
                 "evaluated": report["devices"]["evaluated"],
@@ -1051,7 +1158,7 @@ class _Demo:
                 "median_psi": float(np.median([f["psi"] for f in features])) if features else None,
                 "inferences": report["sla"]["inferences"],
                 "latency_p95_ms": report["sla"]["p95_ms"],
-                "accuracy": None if not answered else sum(s.correct for s in stream) / answered,
+                "accuracy": None if not answered else correct / answered,
             }
         self.console.print(table)
         glare = set(drifted_features)
@@ -1066,9 +1173,200 @@ class _Demo:
                 f"  drift {group}: {r['drifted']} of {r['evaluated']} devices drifted · "
                 f"features at act: {where} · median PSI {r['median_psi'] or 0:.3f} · "
                 f"{r['inferences']:,} inferences, p95 ≤ {r['latency_p95_ms']:.2g} ms · "
-                f"accuracy of the answers {accuracy}"
+                f"accuracy of the answers since the glare {accuracy}"
             )
         return result
+
+    def _accuracy(self, group: str, *, since_glare: bool) -> tuple[int, int]:
+        """(correct, answered) of a group's streams, before the glare or since it began."""
+        in_group = {a.device_id for a in self.agents if a.group == group}
+        counts = [
+            s.accuracy(since_glare=since_glare) for s in self.streams if s.device_id in in_group
+        ]
+        return sum(c for c, _ in counts), sum(n for _, n in counts)
+
+    # -- 8. alerts
+
+    def create_alert_rules(self) -> None:
+        """A drift rule per group: PSI over the act level on >= 30 % of its devices."""
+        self.step(
+            "alert rules: drift per group (PSI ≥ 0.25 on ≥ 30 % of the group's devices, "
+            f"judged every {ALERT_INTERVAL_SECONDS:g} s over the hour in progress)"
+        )
+        for group in GROUPS:
+            self.api_client.post(
+                "/alert-rules",
+                json={
+                    "name": f"drift-{group}",
+                    "model": MODEL_NAME,
+                    "group": group,
+                    "condition": DRIFT_CONDITION,
+                    "description": f"the cameras of {group} see something the model never saw",
+                },
+            )
+
+    def wait_for_alert(self) -> dict[str, Any]:
+        """The drift alert of the drifted group, once open (and none of the others)."""
+        client = self.api_client
+        deadline = time.monotonic() + DRIFT_TIMEOUT_SECONDS
+        while True:
+            opened = client.get("/alerts", params={"status": "open"})
+            mine = [a for a in opened if a["rule"] == f"drift-{DRIFTED_GROUP}"]
+            if mine:
+                break
+            if time.monotonic() > deadline:
+                raise DemoError(f"no drift alert opened for {DRIFTED_GROUP} in time")
+            time.sleep(POLL_SECONDS)
+        alert: dict[str, Any] = mine[0]
+        others = sorted({a["rule"] for a in opened} - {alert["rule"]})
+        self.console.print(
+            f"  [bold red]alert #{alert['id']} open[/] ({alert['severity']}): "
+            f"{escape(alert['summary'])}"
+        )
+        self.console.print(f"  other open alerts: {', '.join(others) if others else 'none'}")
+        return {
+            "id": alert["id"],
+            "rule": alert["rule"],
+            "group": alert["group"],
+            "summary": alert["summary"],
+            "value": alert["value"],
+            "other_open": others,
+        }
+
+    # -- 9. retraining
+
+    def build_samples_dataset(self) -> dict[str, Any]:
+        """The drifted group's labelled frames since the glare began, added to the dataset
+        the model was trained on as a new version (with lineage)."""
+        client = self.api_client
+        assert self.glare_started is not None
+        since = self.glare_started.isoformat()
+        self.step(
+            f"{DRIFTED_GROUP}'s agents captured frames ({CAPTURE_PER_WINDOW} per window); "
+            "with the station's labels they become a new dataset version"
+        )
+        deadline = time.monotonic() + DRIFT_TIMEOUT_SECONDS
+        while True:
+            summary = client.get(
+                "/samples", params={"model": MODEL_NAME, "group": DRIFTED_GROUP, "since": since}
+            )
+            if summary["labelled_rows"] >= MIN_LABELLED_SAMPLES:
+                break
+            if time.monotonic() > deadline:
+                raise DemoError(
+                    f"only {summary['labelled_rows']} labelled samples from {DRIFTED_GROUP} "
+                    f"after {DRIFT_TIMEOUT_SECONDS:.0f} s ({summary['rows']} captured)"
+                )
+            time.sleep(1.0)
+        version: dict[str, Any] = client.post(
+            "/samples/dataset-versions",
+            json={"model": MODEL_NAME, "group": DRIFTED_GROUP, "since": since},
+        )
+        self.console.print(
+            f"  {version['dataset']} v{version['version']}: {version['rows']:,} rows = "
+            f"v{version['base_version']} + {version['added_rows']} labelled frames from "
+            f"{version['samples']['devices']} devices of {DRIFTED_GROUP}"
+        )
+        return {
+            "dataset": version["dataset"],
+            "version": version["version"],
+            "rows": version["rows"],
+            "base_version": version["base_version"],
+            "added_rows": version["added_rows"],
+        }
+
+    def retrain(self) -> dict[str, Any]:
+        """The retraining policy fires for the drifted group: a decision with its evidence,
+        a retraining run on the newest data, a gated candidate, and its canary rollout to
+        that group -- each read back from the API as it happens."""
+        client = self.api_client
+        self.step(
+            "retraining policy: the same drift condition on either line retrains the model on "
+            "the newest data and canaries the candidate to the line that drifted (no approval "
+            "in the demo)"
+        )
+        client.post(
+            "/retraining/policies",
+            json={
+                "name": "digits-drift",
+                "model": MODEL_NAME,
+                "groups": list(GROUPS),
+                "condition": DRIFT_CONDITION,
+                "approval": False,
+                "cooldown": 3600,
+                "training": {"epochs": TRAIN_EPOCHS},
+                "canary": {
+                    "phases": "1dev,100",
+                    "approval": False,
+                    "wait_between_phases": CANARY_OBSERVATION_SECONDS,
+                    "device_timeout": 60,
+                    "gates": ROLLOUT_GATES,
+                },
+            },
+        )
+        deadline = time.monotonic() + DRIFT_TIMEOUT_SECONDS
+        while not (decisions := client.get("/retraining/decisions")):
+            if time.monotonic() > deadline:
+                raise DemoError("the retraining policy did not fire in time")
+            time.sleep(POLL_SECONDS)
+        if any(d["group"] != DRIFTED_GROUP for d in decisions):
+            raise DemoError(f"the policy fired for {[d['group'] for d in decisions]}")
+        decision = client.get(f"/retraining/decisions/{decisions[0]['id']}")
+        evidence = decision["evidence"]
+        devices = evidence.get("devices", [])
+        features = evidence.get("features", [])
+        self.console.print(
+            f"  decision #{decision['id']} for {decision['group']}: {escape(decision['summary'])}"
+        )
+        self.console.print(
+            f"  evidence: {len(devices)} devices "
+            f"({', '.join(d['device_id'] for d in devices[:3])}), top features "
+            f"{', '.join(features[:4])}"
+        )
+        self.console.print(f"  dataset: {escape(decision['plan']['dataset']['note'])}")
+        run_id = decision["run_id"]
+        if run_id is None:
+            decision = self._wait_decision(decision["id"], lambda d: d["run_id"] is not None)
+            run_id = decision["run_id"]
+        run = _follow_run(client, run_id, self.console)
+        if run["status"] != "succeeded":
+            raise DemoError(f"retraining run {run_id} {run['status']}: {run.get('error')}")
+        decision = self._wait_decision(decision["id"], lambda d: d["status"] != "training")
+        if decision["status"] != "completed" or decision["rollout_id"] is None:
+            raise DemoError(
+                f"decision #{decision['id']} {decision['status']}: {decision['status_reason']}"
+            )
+        candidate = decision["candidate_version"]
+        self.console.print(
+            f"  {MODEL_NAME} v{candidate} passed its gates and is [bold]candidate[/]; canary "
+            f"rollout {decision['rollout_id']} to {decision['group']}"
+        )
+        rollout = self._watch(decision["rollout_id"])
+        return {
+            "decision": decision["id"],
+            "group": decision["group"],
+            "summary": decision["summary"],
+            "evidence_devices": [d["device_id"] for d in devices],
+            "evidence_features": features,
+            "run": run_id,
+            "candidate_version": candidate,
+            "rollout": decision["rollout_id"],
+            "rollout_status": rollout["status"],
+        }
+
+    def _wait_decision(self, decision_id: int, done: Any) -> dict[str, Any]:
+        deadline = time.monotonic() + ROLLOUT_TIMEOUT_SECONDS
+        while True:
+            decision: dict[str, Any] = self.api_client.get(f"/retraining/decisions/{decision_id}")
+            if done(decision):
+                return decision
+            if decision["status"] in ("failed", "rejected"):
+                raise DemoError(
+                    f"decision #{decision_id} {decision['status']}: {decision['status_reason']}"
+                )
+            if time.monotonic() > deadline:
+                raise DemoError(f"decision #{decision_id} still {decision['status']}")
+            time.sleep(POLL_SECONDS)
 
     # -- the end
 
@@ -1163,10 +1461,18 @@ def _run(demo: _Demo, *, port: int) -> None:
     version, dataset = demo.train_and_promote()
     demo.build_fleet()
     drifted_features = demo.start_streams(dataset)
+    demo.create_alert_rules()
     rollouts = {group: demo.roll_out(group, version) for group in GROUPS}
-    devices = demo.show_inventory(version)
+    devices = demo.show_inventory(dict.fromkeys(GROUPS, version))
     refused = demo.show_refusals()
+    demo.start_glare(drifted_features)
     drift = demo.show_drift(version, drifted_features)
+    alert = demo.wait_for_alert()
+    samples = demo.build_samples_dataset()
+    retraining = demo.retrain()
+    candidate = retraining["candidate_version"]
+    versions = {g: candidate if g == DRIFTED_GROUP else version for g in GROUPS}
+    devices = demo.show_inventory(versions)
     elapsed = time.monotonic() - demo.started
     demo.summary.update(
         {
@@ -1188,11 +1494,19 @@ def _run(demo: _Demo, *, port: int) -> None:
             "drifted_group": DRIFTED_GROUP,
             "drifted_features": list(drifted_features),
             "drift": drift,
+            "alert": alert,
+            "samples_dataset": samples,
+            "retraining": retraining,
             "seconds": round(elapsed, 1),
         }
     )
     demo.write_summary()
-    on_version = sum(d["models"].get(MODEL_NAME) == version for d in devices.values())
+    on_version = {
+        g: sum(
+            d["group"] == g and d["models"].get(MODEL_NAME) == versions[g] for d in devices.values()
+        )
+        for g in GROUPS
+    }
     verdicts = "; ".join(
         f"{g} drifted on {len(drift[g]['features_act'])} features"
         if drift[g]["drifted"]
@@ -1200,14 +1514,21 @@ def _run(demo: _Demo, *, port: int) -> None:
         for g in GROUPS
     )
     url = demo.base_url
+    steady = [g for g in GROUPS if g != DRIFTED_GROUP]
     demo.console.print(
         f"\n[bold green]done[/] in {elapsed:.0f} s: {MODEL_NAME} v{version} trained, signed and "
-        f"rolled out to {' and '.join(GROUPS)} ({on_version} of {len(devices)} agents run it); "
-        f"{verdicts}.\n"
+        f"rolled out to {' and '.join(GROUPS)}; {verdicts}; alert #{alert['id']} opened; the "
+        f"retraining policy trained v{candidate} on the labelled glare frames and rolled it out "
+        f"to {DRIFTED_GROUP} ({on_version[DRIFTED_GROUP]} devices run v{candidate}; "
+        f"{' and '.join(steady)} stay on v{version}).\n"
+        f"  dashboard {url}/#token={demo.token}\n"
+        f"           (the drifted group: {url}/drift?model={MODEL_NAME}&group={DRIFTED_GROUP})\n"
         f"  API      {url}/api/v1   docs {url}/docs\n"
-        f"  look     edgefleet devices list --server {url}\n"
+        f"  token    export EDGEFLEET_TOKEN=$(cat {demo.settings.data_dir}/admin-token)\n"
+        f"  look     edgefleet drift --model {MODEL_NAME} --group {DRIFTED_GROUP} --server {url}\n"
+        f"           edgefleet alerts list --server {url}\n"
+        f"           edgefleet retraining decisions --server {url}\n"
         f"           edgefleet rollouts list --server {url}\n"
-        f"           edgefleet drift --model {MODEL_NAME} --group {DRIFTED_GROUP} --server {url}\n"
         f"  state    {demo.data_dir}/ (summary in {SUMMARY_FILE}; agent logs in agents/*/agent.log)"
     )
 

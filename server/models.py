@@ -233,6 +233,7 @@ class TargetArtifact(SQLModel, table=True):
 
 
 import server.alerts.models  # noqa: E402  (alert rules, alerts, webhook deliveries)
+import server.auth.models  # noqa: E402  (operator tokens, audit log)
 import server.drift.models  # noqa: E402  (drift rollups, layouts, retention marks)
 import server.feedback.models  # noqa: E402  (labels for past predictions)
 import server.fleet.models  # noqa: E402  (the fleet's tables, on the same metadata)

@@ -3,8 +3,9 @@
 Build them with :func:`get_settings` (cached) or construct :class:`Settings`
 directly in tests; the FastAPI app takes them through a dependency so tests can
 override them. Outside ``mode=dev`` the settings refuse the built-in development
-secrets -- the secret key, and the broker password wherever the server uses it: a
-production server must be given its own.
+secrets -- the secret key, the broker password wherever the server uses it, and an
+admin token that is short or a built-in development value: a production server must be
+given its own.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ __all__ = ["DEV_BROKER_PASSWORD", "DEV_SECRET", "Settings", "get_settings"]
 DEV_SECRET = "edgefleet-dev-secret-do-not-use-in-production"  # noqa: S105 - refused outside dev
 DEV_BROKER_PASSWORD = "edgefleet-dev-broker-password"  # noqa: S105 - refused outside dev
 _MIN_BROKER_PASSWORD = 16
+_MIN_ADMIN_TOKEN = 32
 
 
 class Settings(BaseSettings):
@@ -148,6 +150,31 @@ class Settings(BaseSettings):
         None, description="Mosquitto's pid file: the server sends SIGHUP after each change"
     )
 
+    admin_token: SecretStr | None = Field(
+        None,
+        description="a bearer token accepted as admin (to bootstrap operator tokens); unset "
+        "in dev mode, a random one is made at the first start in <data_dir>/admin-token",
+    )
+    auth_failures_per_minute: int = Field(
+        20,
+        ge=1,
+        le=1_000_000,
+        description="failed bearer-token attempts one source address may make per minute "
+        "(bursts up to it) before it gets 429s",
+    )
+    enroll_per_minute_per_address: int = Field(
+        120,
+        ge=1,
+        le=1_000_000,
+        description="enrollments one source address may attempt per minute (bursts up to it)",
+    )
+    enroll_per_minute_per_token: int = Field(
+        60,
+        ge=1,
+        le=1_000_000,
+        description="enrollments one provisioning token may be tried for per minute",
+    )
+
     alert_evaluator: bool = Field(
         True,
         description="evaluate alert rules and retraining policies in this process "
@@ -205,6 +232,28 @@ class Settings(BaseSettings):
                     f"EDGEFLEET_BROKER_PASSWORD must be at least {_MIN_BROKER_PASSWORD} "
                     "characters in prod mode"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _no_dev_admin_token_in_production(self) -> Settings:
+        if self.mode == "dev" or self.admin_token is None:
+            return self
+        token = self.admin_token.get_secret_value()
+        if token in (DEV_SECRET, DEV_BROKER_PASSWORD) or token.strip() != token:
+            raise ValueError(
+                "EDGEFLEET_ADMIN_TOKEN is a built-in development value; "
+                "set a token of your own, or EDGEFLEET_MODE=dev for development"
+            )
+        if len(token) < _MIN_ADMIN_TOKEN:
+            raise ValueError(
+                f"EDGEFLEET_ADMIN_TOKEN must be at least {_MIN_ADMIN_TOKEN} characters in prod "
+                "mode (edgefleet operators create makes such tokens)"
+            )
+        if token in (self.secret_key.get_secret_value(), self.broker_password.get_secret_value()):
+            raise ValueError(
+                "EDGEFLEET_ADMIN_TOKEN must differ from EDGEFLEET_SECRET_KEY and "
+                "EDGEFLEET_BROKER_PASSWORD"
+            )
         return self
 
     @model_validator(mode="after")

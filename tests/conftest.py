@@ -8,6 +8,8 @@
 - ``mosquitto_factory``: fresh Mosquitto processes a test may kill and restart.
 - ``mqtt_client``: makes paho clients (MQTT 3.1.1) whose callbacks only put what arrives on a
   queue, so tests wait on events, never on the clock.
+- :func:`operator_client` / :func:`authorize`: an HTTP test client of the API that sends an
+  operator token (by default the admin token the dev-mode app made in its data dir).
 
 The system Mosquitto on 127.0.0.1:1883 is never used.
 """
@@ -32,8 +34,13 @@ from typing import Any, Literal, NamedTuple
 
 import paho.mqtt.client as mqtt
 import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient as HttpClient
 from hypothesis import HealthCheck, settings
 from paho.mqtt.enums import CallbackAPIVersion
+
+from server.auth.tokens import read_admin_token
+from server.settings import Settings
 
 # Property tests: no per-example deadline (CI machines are noisy); explore as usual.
 settings.register_profile(
@@ -449,3 +456,29 @@ def mqtt_client(request: pytest.FixtureRequest) -> Iterator[Callable[..., TestCl
     for client in reversed(clients):
         with contextlib.suppress(Exception):
             client.disconnect()
+
+
+# ----------------------------------------------------------------------------- the API
+
+
+def admin_token(settings: Settings) -> str:
+    """The app's bootstrap admin token: ``admin_token``, else the one a dev-mode app wrote
+    to ``<data_dir>/admin-token`` when it started."""
+    if settings.admin_token is not None:
+        return settings.admin_token.get_secret_value()
+    token = read_admin_token(settings.data_dir)
+    assert token is not None, f"no admin token in {settings.data_dir} (has the app started?)"
+    return token
+
+
+def authorize(client: HttpClient, app: FastAPI, token: str | None = None) -> HttpClient:
+    """Make a started ``client`` of ``app`` send ``token`` (default: the admin token)."""
+    client.headers["Authorization"] = f"Bearer {token or admin_token(app.state.settings)}"
+    return client
+
+
+@contextlib.contextmanager
+def operator_client(app: FastAPI, token: str | None = None, **kwargs: Any) -> Iterator[HttpClient]:
+    """A started FastAPI ``TestClient`` of ``app`` sending an operator token (default: admin)."""
+    with HttpClient(app, **kwargs) as client:
+        yield authorize(client, app, token)

@@ -64,10 +64,15 @@ class EvaluationContext:
     """What evaluations read besides the database."""
 
     store: ArtifactStore
-    keys: FleetKeys
+    keys: FleetKeys | Callable[[], FleetKeys]
+    """The fleet's keys, or how to read the current ones (a server follows its keys
+    folder: a rotation must not leave the evaluator verifying with the old keyring)."""
     latency_sla_ms: Mapping[str, float] = field(default_factory=dict)
     """Profile name -> its p95 latency SLA (``firmware_images/<profile>/profile.toml``)."""
     accuracy_source: AccuracySource | None = None
+
+    def current_keys(self) -> FleetKeys:
+        return self.keys if isinstance(self.keys, FleetKeys) else self.keys()
 
 
 @dataclass(frozen=True)
@@ -151,7 +156,11 @@ def _judge(
     """How to judge one window of this version, or why it cannot be judged at all."""
     if isinstance(condition, DriftCondition):
         reference = drift_reference(
-            session, store=context.store, keys=context.keys, model_name=model_name, version=version
+            session,
+            store=context.store,
+            keys=context.current_keys(),
+            model_name=model_name,
+            version=version,
         )
         if reference is None:
             return f"{model_name} v{version} carries no drift reference"

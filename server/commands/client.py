@@ -1,7 +1,9 @@
 """How the operator commands reach the server: one small HTTP client, and output helpers.
 
 The server URL comes from ``--server`` or ``EDGEFLEET_SERVER`` (default
-``http://127.0.0.1:8750``), the token from ``EDGEFLEET_TOKEN``. An HTTP error
+``http://127.0.0.1:8750``), the operator token from ``EDGEFLEET_TOKEN``, else from the
+development admin token a dev-mode server wrote to ``$EDGEFLEET_DATA_DIR/admin-token``
+(default ``edgefleet-data/admin-token``), when that file exists. An HTTP error
 becomes a one-line message naming what the server said; ``--json`` commands print
 only JSON on stdout.
 """
@@ -13,11 +15,14 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
 import typer
 from rich.console import Console
+
+from server.auth.tokens import read_admin_token
 
 __all__ = [
     "DEFAULT_SERVER",
@@ -26,6 +31,7 @@ __all__ = [
     "JsonOption",
     "ServerOption",
     "api",
+    "default_token",
     "emit_json",
     "fail",
     "timestamp",
@@ -51,9 +57,21 @@ class ApiError(Exception):
         self.status_code = status_code
 
 
+def default_token(data_dir: Path | None = None) -> str | None:
+    """``EDGEFLEET_TOKEN``, else the dev admin token in ``data_dir`` (default:
+    ``$EDGEFLEET_DATA_DIR`` or ``edgefleet-data``) if a dev-mode server wrote one."""
+    token = os.environ.get("EDGEFLEET_TOKEN", "").strip()
+    if token:
+        return token
+    if data_dir is None:
+        data_dir = Path(os.environ.get("EDGEFLEET_DATA_DIR") or "edgefleet-data")
+    return read_admin_token(data_dir)
+
+
 class ApiClient:
     def __init__(self, base_url: str, token: str | None = None, timeout: float = 60.0) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.has_token = bool(token)
         self.base_url = base_url.rstrip("/")
         self._http = httpx.Client(
             base_url=self.base_url + "/api/v1", headers=headers, timeout=timeout
@@ -65,7 +83,10 @@ class ApiClient:
         except httpx.HTTPError as e:
             raise ApiError(f"cannot reach the server at {self.base_url}: {e}") from e
         if response.status_code >= 400:
-            raise ApiError(_detail(response), response.status_code)
+            message = _detail(response)
+            if response.status_code == 401 and not self.has_token:
+                message += " (set EDGEFLEET_TOKEN to an operator token)"
+            raise ApiError(message, response.status_code)
         if response.status_code == 204 or not response.content:
             return None
         return response.json()
@@ -105,8 +126,7 @@ def _detail(response: httpx.Response) -> str:
 def api(server: str | None) -> Iterator[ApiClient]:
     """A client for the command's duration; any :class:`ApiError` exits with its message."""
     client = ApiClient(
-        server or os.environ.get("EDGEFLEET_SERVER") or DEFAULT_SERVER,
-        token=os.environ.get("EDGEFLEET_TOKEN"),
+        server or os.environ.get("EDGEFLEET_SERVER") or DEFAULT_SERVER, token=default_token()
     )
     try:
         yield client

@@ -36,6 +36,7 @@ from server.alerts.rules import (
     ErrorRateCondition,
     LatencyCondition,
 )
+from server.rollouts.gates import HealthThresholds
 
 __all__ = [
     "ACTIVE",
@@ -96,6 +97,17 @@ class CanarySpec(BaseModel):
     approval: bool = Field(
         True, description="every phase but the last waits for the operator's approval"
     )
+    wait_between_phases: timedelta | None = Field(
+        None,
+        description="observation time after a phase settled (seconds or ISO 8601); "
+        "default: the rollouts' default",
+    )
+    device_timeout: timedelta | None = Field(
+        None, description="how long a device may take to install; default: the rollouts'"
+    )
+    gates: HealthThresholds | None = Field(
+        None, description="the canary's health gates; default: the rollouts' defaults"
+    )
 
 
 def may_fire(
@@ -143,13 +155,28 @@ def choose_dataset(
             f"{dataset} v{original_version}: the drifted version's own training data "
             "(no newer version of the dataset exists)",
         )
-    origin = ""
-    if newest_lineage:
-        shown = ", ".join(f"{k}={v}" for k, v in sorted(newest_lineage.items())[:6])
-        origin = f" ({shown})"
+    origin = _lineage_origin(newest_lineage)
     return DatasetChoice(
         newest_id,
         newest_version,
         f"{dataset} v{newest_version}, newer than v{original_version} the drifted version was "
         f"trained on{origin}: the newest data, e.g. captured device samples",
     )
+
+
+def _lineage_origin(lineage: dict[str, Any]) -> str:
+    """What a newer dataset version holds, in a few words: `` (v1 + 281 labelled device
+    samples from 3 devices)`` for a samples version, its scalar lineage fields otherwise."""
+    if not lineage:
+        return ""
+    if lineage.get("kind") == "device_samples":
+        base = lineage.get("base") or {}
+        devices = lineage.get("device_count", len(lineage.get("devices") or []))
+        return (
+            f" (v{base.get('version', '?')} + {lineage.get('added_rows', '?')} labelled device "
+            f"samples from {devices} device{'s' if devices != 1 else ''})"
+        )
+    scalars = [
+        f"{k}={v}" for k, v in sorted(lineage.items()) if isinstance(v, str | int | float | bool)
+    ]
+    return f" ({', '.join(scalars[:6])})" if scalars else ""

@@ -682,6 +682,9 @@ def advance(session: Session, *, decision: RetrainingDecisionRecord, now: dateti
             now=now,
             phases=spec.phases,
             approval=spec.approval,
+            wait_between_phases=spec.wait_between_phases,
+            device_timeout=spec.device_timeout,
+            gates=spec.gates,
         )
     except ServerError as e:
         savepoint.rollback()

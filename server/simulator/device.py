@@ -334,6 +334,11 @@ class SimulatedDevice:
         """Deployments verified and waiting for their install window, by model name."""
         return {name: s.deployment for name, s in self._staged.items()}
 
+    @property
+    def reports_made(self) -> int:
+        """Telemetry reports made so far: their ``seq`` are ``0 .. reports_made - 1``."""
+        return self._seq
+
     def telemetry(self, inferences: int) -> Outgoing:
         """Close a window in which each active model served ``inferences`` requests."""
         end = self._now()

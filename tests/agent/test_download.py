@@ -532,6 +532,30 @@ def api(tmp_path: Path, artifact: Artifact) -> Iterator[tuple[str, str]]:
         listener.close()
 
 
+class _Bearer(urllib.request.BaseHandler):
+    """Sends an operator token: the bundle route is an operator (viewer) route."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    def http_request(self, request: urllib.request.Request) -> urllib.request.Request:
+        request.add_unredirected_header("Authorization", f"Bearer {self.token}")
+        return request
+
+
+@pytest.fixture
+def viewer(api: tuple[str, str], tmp_path: Path) -> _Bearer:
+    """The dev-mode server's admin token (written when the ``api`` server started)."""
+    from server.auth.tokens import read_admin_token
+
+    deadline = time.monotonic() + WAIT
+    while (token := read_admin_token(tmp_path / "server")) is None:
+        # uvicorn answers only once started; its lifespan writes the token first
+        assert time.monotonic() < deadline, "the server wrote no admin token"
+        time.sleep(0.02)
+    return _Bearer(token)
+
+
 class _CutResponse:
     def __init__(self, response: Any, budget: list[int]) -> None:
         self._response = response
@@ -576,7 +600,7 @@ class Network(urllib.request.BaseHandler):
 
 
 def test_http_range_download_resumes_where_an_earlier_process_stopped(
-    api: tuple[str, str], artifact: Artifact, tmp_path: Path
+    api: tuple[str, str], viewer: _Bearer, artifact: Artifact, tmp_path: Path
 ) -> None:
     base_url, path = api
     dest = tmp_path / "device"
@@ -587,7 +611,7 @@ def test_http_range_download_resumes_where_an_earlier_process_stopped(
             path,
             artifact.ref,
             dest,
-            opener=urllib.request.build_opener(flaky),
+            opener=urllib.request.build_opener(flaky, viewer),
             limits=FAST_LIMITS,
             max_attempts=2,
         )
@@ -598,7 +622,7 @@ def test_http_range_download_resumes_where_an_earlier_process_stopped(
 
     healthy = Network()
     got = http_download(
-        base_url, path, artifact.ref, dest, opener=urllib.request.build_opener(healthy)
+        base_url, path, artifact.ref, dest, opener=urllib.request.build_opener(healthy, viewer)
     )
     assert healthy.ranges == [f"bytes=300000-{SIZE - 1}"]  # the missing bytes only
     assert got.read_bytes() == artifact.data
@@ -606,7 +630,7 @@ def test_http_range_download_resumes_where_an_earlier_process_stopped(
 
 
 def test_http_download_completes_across_repeated_cuts(
-    api: tuple[str, str], artifact: Artifact, tmp_path: Path
+    api: tuple[str, str], viewer: _Bearer, artifact: Artifact, tmp_path: Path
 ) -> None:
     base_url, path = api
 
@@ -620,21 +644,29 @@ def test_http_download_completes_across_repeated_cuts(
         path,
         artifact.ref,
         tmp_path / "device",
-        opener=urllib.request.build_opener(network),
+        opener=urllib.request.build_opener(network, viewer),
         limits=FAST_LIMITS,
     )
     assert got.read_bytes() == artifact.data
     assert network.ranges == [f"bytes={n}-{SIZE - 1}" for n in (0, 400_000, 800_000)]
 
 
-def test_http_errors_are_typed(api: tuple[str, str], artifact: Artifact, tmp_path: Path) -> None:
+def test_http_errors_are_typed(
+    api: tuple[str, str], viewer: _Bearer, artifact: Artifact, tmp_path: Path
+) -> None:
     base_url, path = api
+    opener = urllib.request.build_opener(viewer)
     with pytest.raises(ArtifactRejected) as caught:
-        http_download(base_url, path.replace("edge", "cloud"), artifact.ref, tmp_path / "d")
+        http_download(
+            base_url, path.replace("edge", "cloud"), artifact.ref, tmp_path / "d", opener=opener
+        )
     assert caught.value.detail == "HTTP 404"
+    with pytest.raises(ArtifactRejected) as caught:  # no operator token: refused, not served
+        http_download(base_url, path, artifact.ref, tmp_path / "d")
+    assert caught.value.detail == "HTTP 401"
     wrong = ArtifactRef(sha256=artifact.ref.sha256, length=SIZE - 1)
     with pytest.raises(LengthMismatchError):
-        http_download(base_url, path, wrong, tmp_path / "d")
+        http_download(base_url, path, wrong, tmp_path / "d", opener=opener)
     assert leftovers(tmp_path / "d") == []
 
 

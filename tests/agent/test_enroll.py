@@ -22,6 +22,7 @@ from agent.runtime import available_runtimes
 from server.app import create_app
 from server.fleet.auth import authenticate_device
 from server.fleet.models import Device
+from tests.conftest import admin_token
 from tests.server.conftest import db_url, external_schema  # noqa: F401 (fixtures)
 from tests.server.fleet.conftest import PROFILE, fleet_settings, serve
 
@@ -36,8 +37,15 @@ class Server:
     app: FastAPI
     url: str
 
+    @property
+    def operator(self) -> dict[str, str]:
+        """Headers of an operator call (the dev-mode server's admin token)."""
+        return {"Authorization": f"Bearer {admin_token(self.app.state.settings)}"}
+
     def token(self, **body: object) -> str:
-        response = httpx.post(f"{self.url}/api/v1/provisioning-tokens", json=body)
+        response = httpx.post(
+            f"{self.url}/api/v1/provisioning-tokens", json=body, headers=self.operator
+        )
         assert response.status_code == 201, response.text
         token: str = response.json()["token"]
         return token
@@ -110,7 +118,9 @@ def test_a_fresh_device_enrolls_and_gets_a_config_it_can_run_with(
     assert device is not None and device.status == "pending"
     assert device.tags == {"site": "berlin"} and device.agent_version
     assert device.runtimes == available_runtimes()
-    httpx.post(f"{server.url}/api/v1/devices/press-cam-07/accept").raise_for_status()
+    httpx.post(
+        f"{server.url}/api/v1/devices/press-cam-07/accept", headers=server.operator
+    ).raise_for_status()
     with Session(server.app.state.engine) as session:
         password = loaded.broker.resolved_password()
         assert password is not None

@@ -2,10 +2,12 @@
 
 The demo runs as a user runs it (the console script, in a subprocess) and is checked
 through what it prints and the summary it writes, whose figures it read back from the
-server's API: both canary rollouts completed, every agent runs the promoted version,
-the drift API sees ``line-b``'s glare pixels drift and nothing on ``line-a``, forged
-documents are refused, and every agent process is stopped cleanly -- also when the
-demo is interrupted half-way.
+server's API: both canary rollouts completed, forged documents are refused, the drift API
+sees ``line-b``'s glare pixels drift and nothing on ``line-a``, the drift alert opens
+for ``line-b`` only, the labelled glare frames become a dataset version, the retraining
+policy fires for ``line-b`` with that evidence, trains the candidate on that version and
+canaries it to ``line-b`` only, and every agent process is stopped cleanly -- also when
+the demo is interrupted half-way.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -46,18 +47,16 @@ def test_demo_runs_the_loop_with_real_agents_and_exits(tmp_path: Path) -> None:
     data_dir.mkdir()  # as an earlier run left it: reused without complaint
     (data_dir / ".edgefleet-demo").write_text("made by `edgefleet demo`\n")
     (data_dir / "left-by-the-last-run").write_text("stale")
-    started = time.monotonic()
     result = subprocess.run(
         [str(EXE), "demo", "--exit-after", "0", "--data-dir", str(data_dir)],
         capture_output=True,
         text=True,
-        timeout=280,
+        timeout=600,  # a hang guard, not a speed limit
         env=ENV,
         cwd=tmp_path,
     )
     out = result.stdout
     assert result.returncode == 0, out[-4000:] + result.stderr[-4000:]
-    assert time.monotonic() - started < 180, "the demo should take about a minute"
     assert "done in" in out
     assert not (data_dir / "left-by-the-last-run").exists()
     summary = summary_of(data_dir)
@@ -72,12 +71,8 @@ def test_demo_runs_the_loop_with_real_agents_and_exits(tmp_path: Path) -> None:
         rollout = summary["rollouts"][group]
         assert rollout["status"] == "completed"
         assert rollout["devices"] == {d: "activated" for d in members[group]}
-    assert out.count("rollout completed") == len(GROUPS)
+    assert out.count("rollout completed") == len(GROUPS) + 1  # and the retrained canary
     assert "gate inference_errors: holds" in out and "gate latency_p95: holds" in out
-    # Every agent runs the promoted version, as the inventory says.
-    assert {d: info["models"] for d, info in summary["devices"].items()} == {
-        d: {MODEL_NAME: version} for d in agents
-    }
 
     # Forged and tampered documents were refused, by the agent CLI and a running agent.
     assert sorted(r["reason"] for r in summary["refused"]) == [
@@ -99,6 +94,26 @@ def test_demo_runs_the_loop_with_real_agents_and_exits(tmp_path: Path) -> None:
     n = AGENTS_PER_GROUP
     assert f"drift line-b: {n} of {n} devices drifted" in out
     assert f"drift line-a: 0 of {n} devices drifted · features at act: none" in out
+
+    # The drift alert opened for line-b, and no other alert is open.
+    alert = summary["alert"]
+    assert alert["group"] == "line-b" and alert["rule"] == "drift-line-b"
+    assert alert["other_open"] == []
+    # The labelled glare frames became a new version of the training data ...
+    samples = summary["samples_dataset"]
+    assert samples["version"] == samples["base_version"] + 1 and samples["added_rows"] > 0
+    # ... the policy fired for line-b on its devices and glare pixels, trained on it ...
+    retraining = summary["retraining"]
+    assert retraining["group"] == "line-b"
+    assert set(retraining["evidence_devices"]) == members["line-b"]
+    assert retraining["evidence_features"] and set(retraining["evidence_features"]) <= glare
+    candidate = retraining["candidate_version"]
+    assert candidate == version + 1 and retraining["rollout_status"] == "completed"
+    assert f"newer than v{samples['base_version']}" in out
+    # ... and the candidate runs on line-b only, as the inventory says.
+    assert {d: info["models"] for d, info in summary["devices"].items()} == {
+        d: {MODEL_NAME: candidate if d in members["line-b"] else version} for d in agents
+    }
 
     # Every agent got SIGTERM and exited by itself; none is left running.
     assert_stopped_cleanly(agents)

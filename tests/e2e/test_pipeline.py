@@ -21,6 +21,7 @@ from server.app import create_app
 from server.cli import app as edgefleet
 from server.profiles import load_profiles
 from server.settings import Settings
+from tests.conftest import admin_token
 
 runner = CliRunner()
 pytestmark = pytest.mark.slow
@@ -33,7 +34,7 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
     data_dir = tmp_path / "data"
     port = free_port()
     api = uvicorn.Server(
@@ -51,6 +52,8 @@ def server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     while not api.started:
         assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
         time.sleep(0.05)
+    # The operator commands below use the admin token the dev-mode server made.
+    monkeypatch.setenv("EDGEFLEET_TOKEN", admin_token(Settings(data_dir=data_dir)))
     yield f"http://127.0.0.1:{port}", data_dir
     api.should_exit = True
     thread.join(30)
@@ -147,7 +150,10 @@ def test_csv_to_signed_per_target_bundles(server: tuple[str, Path], tmp_path: Pa
     # download the edge bundle and verify it as a device would, offline
     edge = artifacts["edge-arm64-litert"]
     bundle = tmp_path / "edge.efb"
-    bundle.write_bytes(httpx.get(url + edge["bundle_url"], timeout=30).content)
+    operator = {"Authorization": f"Bearer {admin_token(Settings(data_dir=data_dir))}"}
+    download = httpx.get(url + edge["bundle_url"], headers=operator, timeout=30)
+    assert download.status_code == 200, download.text
+    bundle.write_bytes(download.content)
     keyring = tmp_path / "keyring.json"
     envelope = httpx.get(url + "/api/v1/keyring", timeout=30).json()["envelope"]
     keyring.write_text(json.dumps(envelope))

@@ -28,7 +28,7 @@ from agent.config import DownloadConfig, HttpConfig, Limits, load_config
 from server.app import create_app
 from server.cli import app as edgefleet
 from server.settings import Settings
-from tests.conftest import BrokerEndpoint
+from tests.conftest import BrokerEndpoint, admin_token
 from tests.server.fleet.conftest import serve
 from tests.server.rollouts.harness import (
     MODEL,
@@ -59,7 +59,7 @@ def cli_json(url: str, *args: str) -> Any:
 
 @pytest.fixture
 def fleet(
-    tmp_path: Path, mqtt_broker: BrokerEndpoint
+    tmp_path: Path, mqtt_broker: BrokerEndpoint, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[tuple[str, Any, dict[str, Agent]]]:
     trained_digits()  # built before the server starts its clocks
     settings = Settings(
@@ -72,6 +72,8 @@ def fleet(
     app = create_app(settings, clock=Clock())
     with ExitStack() as stack:
         url = stack.enter_context(serve(app))
+        operator = {"Authorization": f"Bearer {admin_token(settings)}"}
+        monkeypatch.setenv("EDGEFLEET_TOKEN", admin_token(settings))  # for the CLI
         cli(url, "groups", "create", "plant")
         agents: dict[str, Agent] = {}
         for device_id, profile in DEVICES.items():
@@ -131,7 +133,9 @@ def fleet(
         assert httpx.post(f"{url}/api/v1/enroll", json=body).status_code == 201
 
         def reported() -> bool:
-            devices = httpx.get(f"{url}/api/v1/devices", params={"group": "plant"}).json()
+            devices = httpx.get(
+                f"{url}/api/v1/devices", params={"group": "plant"}, headers=operator
+            ).json()
             live = [d for d in devices if d["id"] != OLD_BOX]
             return len(live) == 4 and all(d["state_reported_at"] for d in live)
 

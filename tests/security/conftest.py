@@ -26,6 +26,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from server.app import create_app
 from server.settings import Settings
+from tests.conftest import operator_client
 
 PROFILE = "edge-x86_64-litert"
 SERVICE_USER = "server@edgefleet"
@@ -366,7 +367,7 @@ def enrolled_fleet(tmp: Path, devices: dict[str, str], **overrides: Any) -> Iter
     """An app on a fresh database with ``devices`` (id -> "accepted" | "pending" |
     "rejected") enrolled through the API."""
     settings = fleet_settings(tmp, **overrides)
-    with TestClient(create_app(settings)) as client:
+    with operator_client(create_app(settings)) as client:
         fleet = EnrolledFleet(client, settings, {})
         for device_id, status in devices.items():
             fleet.enroll(device_id, accept=status == "accepted")

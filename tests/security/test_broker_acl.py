@@ -18,7 +18,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from server.app import create_app
@@ -31,7 +30,7 @@ from server.cli import app as cli
 from server.db import create_db_engine
 from shared.messages import BlockRequest, Presence, PresenceStatus, decode_block
 from shared.topics import Channel, device_topic, fleet_filter
-from tests.conftest import MosquittoProcess, free_port, mosquitto_binary
+from tests.conftest import MosquittoProcess, free_port, mosquitto_binary, operator_client
 from tests.security.conftest import (
     SERVICE_PASSWORD,
     SERVICE_USER,
@@ -497,7 +496,7 @@ def test_the_servers_own_clients_log_in_with_the_service_identity(
         block_share_group="blocks",
         ingest_share_group="ingest",
     )
-    with TestClient(create_app(settings)) as client:
+    with operator_client(create_app(settings)) as client:
         state = client.app.state  # type: ignore[attr-defined]
         assert state.desired_publisher.connected
         assert state.inventory.subscribed

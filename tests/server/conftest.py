@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,23 +30,33 @@ def database_url(kind: str, tmp_path: Path, schema: str | None) -> str:
     return f"{EXTERNAL_URL}{separator}options=-csearch_path%3D{schema}"
 
 
-@pytest.fixture(scope="session")
-def external_schema() -> Iterator[str | None]:
-    """A PostgreSQL schema of this test process's own, so concurrent runs never collide."""
+@contextlib.contextmanager
+def private_schema(prefix: str) -> Iterator[str | None]:
+    """A PostgreSQL schema ``<prefix>_<pid>`` of this test process's own, made empty and
+    dropped afterwards, so concurrent runs never collide (None: no PostgreSQL)."""
     if not EXTERNAL_URL or not EXTERNAL_URL.startswith("postgresql"):
         yield None
         return
     from sqlalchemy import text
 
-    schema = f"edgefleet_test_{os.getpid()}"
+    schema = f"{prefix}_{os.getpid()}"
     engine = create_db_engine(EXTERNAL_URL)
     with engine.begin() as connection:
         connection.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
         connection.execute(text(f"CREATE SCHEMA {schema}"))
-    yield schema
-    with engine.begin() as connection:
-        connection.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
-    engine.dispose()
+    try:
+        yield schema
+    finally:
+        with engine.begin() as connection:
+            connection.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def external_schema() -> Iterator[str | None]:
+    """A PostgreSQL schema of this test process's own, so concurrent runs never collide."""
+    with private_schema("edgefleet_test") as schema:
+        yield schema
 
 
 def drop_everything(engine: Engine) -> None:

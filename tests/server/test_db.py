@@ -40,6 +40,34 @@ def test_downgrade_to_base_and_up_again(db_url: str) -> None:
     engine.dispose()
 
 
+def test_processes_starting_together_on_an_empty_postgresql_migrate_one_by_one(
+    db_url: str,
+) -> None:
+    """API replicas and ingest workers started at once all migrate at their start; on
+    PostgreSQL an advisory lock lets one process upgrade while the others wait, then find
+    the schema current -- none fails on a table another one is creating."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL's advisory lock; SQLite serves one server process")
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from server.db import create_db_engine, migrate; "
+        "migrate(create_db_engine(sys.argv[1]))"
+    )
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, db_url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        for _ in range(3)
+    ]
+    outputs = [p.communicate(timeout=300)[0].decode(errors="replace") for p in processes]
+    assert [p.returncode for p in processes] == [0, 0, 0], "\n".join(outputs)
+    engine = create_db_engine(db_url)
+    assert "artifacts" in inspect(engine).get_table_names()
+    engine.dispose()
+
+
 def test_timestamps_come_back_aware_and_in_utc(engine: Engine) -> None:
     berlin = timezone(timedelta(hours=1))
     moment = datetime(2026, 11, 29, 13, 0, 0, 123456, tzinfo=berlin)

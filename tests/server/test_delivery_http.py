@@ -19,6 +19,7 @@ from server.app import create_app
 from server.settings import Settings
 from shared.integrity import sha256_hex
 from shared.messages import ArtifactRef
+from tests.conftest import operator_client
 
 pytestmark = pytest.mark.database
 
@@ -44,7 +45,7 @@ class Authority:
 def served(db_url: str, tmp_path: Path) -> Iterator[tuple[TestClient, Authority, str]]:
     settings = Settings(data_dir=tmp_path / "data", database_url=db_url, max_concurrent_transfers=2)
     app = create_app(settings)
-    with TestClient(app) as client:
+    with operator_client(app) as client:
         authority = Authority()
         app.state.artifact_authority = authority
         sha = app.state.artifacts.put_bytes(PAYLOAD).sha256

@@ -76,3 +76,67 @@ def test_keyrings_are_recorded_once_per_version(engine: Engine, tmp_path: Path) 
     with Session(engine) as session:
         rows = session.exec(select(KeyringRecord)).all()
     assert [(r.version, r.expires_at) for r in rows] == [(1, keys.keyring.expires_at)]
+
+
+def test_a_raised_threshold_survives_a_dev_reissue(tmp_path: Path) -> None:
+    from server.keys import add_online_key
+
+    init_keys(tmp_path, now=NOW, lifetime=LIFETIME)
+    root = SigningKey.from_base64((tmp_path / "root.key").read_text())
+    add_online_key(tmp_path, root=root, now=NOW, lifetime=LIFETIME, threshold=2)
+    later = init_keys(tmp_path, now=NOW + timedelta(days=85), lifetime=LIFETIME)
+    assert (later.keyring.version, later.keyring.threshold) == (3, 2)
+    assert len(later.signing_keys) == 2
+
+
+def test_a_revoked_key_is_gone_for_good_even_on_a_dev_server(tmp_path: Path) -> None:
+    from server.keys import add_online_key, revoke_online_key
+
+    first = init_keys(tmp_path, now=NOW, lifetime=LIFETIME).online[0]
+    root = SigningKey.from_base64((tmp_path / "root.key").read_text())
+    add_online_key(tmp_path, root=root, now=NOW, lifetime=LIFETIME)
+    change = revoke_online_key(tmp_path, first.keyid[:10], root=root, now=NOW, lifetime=LIFETIME)
+    assert change.removed == (first.keyid,) and change.keyring.version == 3
+    # init_keys lists every private key it finds: the revoked one left none behind
+    again = init_keys(tmp_path, now=NOW, lifetime=LIFETIME)
+    assert again.keyring.version == 3
+    assert first.keyid not in {k.keyid for k in again.keyring.keys}
+
+
+def test_the_watcher_hands_on_new_keys_and_nothing_broken_or_older(tmp_path: Path) -> None:
+    from server.keys import KeyringWatcher, rotate_online_key
+
+    keys = init_keys(tmp_path, now=NOW, lifetime=LIFETIME)
+    root = SigningKey.from_base64((tmp_path / "root.key").read_text())
+    watcher = KeyringWatcher(tmp_path, keys, clock=lambda: NOW)
+    got: list[int] = []
+    watcher.subscribe(lambda k: got.append(k.keyring.version))
+    assert watcher.check() is None  # nothing changed
+    old_ring = (tmp_path / "keyring.json").read_bytes()
+    rotate_online_key(tmp_path, root=root, now=NOW, lifetime=LIFETIME)
+    new = watcher.check()
+    assert new is not None and new.keyring.version == 2 and got == [2]
+    assert watcher.keys is new and new.online[0].keyid != keys.online[0].keyid
+    # an older keyring put back (a restored backup) is not taken
+    (tmp_path / "keyring.json").write_bytes(old_ring)
+    assert watcher.check() is None and watcher.keys is new
+    # a broken file is not taken either, and the server keeps its keys
+    (tmp_path / "keyring.json").write_text("{")
+    assert watcher.check() is None and got == [2]
+
+
+def test_a_revoke_never_lowers_the_threshold_by_itself(tmp_path: Path) -> None:
+    from server.errors import InvalidInputError
+    from server.keys import add_online_key, read_keyring, revoke_online_key
+
+    first = init_keys(tmp_path, now=NOW, lifetime=LIFETIME).online[0]
+    root = SigningKey.from_base64((tmp_path / "root.key").read_text())
+    add_online_key(tmp_path, root=root, now=NOW, lifetime=LIFETIME, threshold=2)
+    with pytest.raises(InvalidInputError, match="threshold 2 is not possible with 1"):
+        revoke_online_key(tmp_path, first.keyid, root=root, now=NOW, lifetime=LIFETIME)
+    current = read_keyring(tmp_path)
+    assert current is not None and current[0].version == 2  # nothing written
+    change = revoke_online_key(
+        tmp_path, first.keyid, root=root, now=NOW, lifetime=LIFETIME, threshold=1
+    )
+    assert (change.keyring.version, change.keyring.threshold) == (3, 1)

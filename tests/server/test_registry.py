@@ -18,6 +18,7 @@ from server.errors import ConflictError, InvalidInputError, NotFoundError
 from server.models import Model, ModelVersion, TargetArtifact
 from server.pipeline.types import GateConfig
 from server.settings import Settings
+from tests.conftest import operator_client
 from tests.server.conftest import add_dataset_row
 
 pytestmark = pytest.mark.database
@@ -99,7 +100,7 @@ def test_a_building_version_cannot_be_promoted(engine: Engine) -> None:
 @pytest.fixture
 def client(db_url: str, tmp_path: Path) -> Iterator[TestClient]:
     app = create_app(Settings(data_dir=tmp_path / "data", database_url=db_url))
-    with TestClient(app) as client:
+    with operator_client(app) as client:
         with session_scope(app.state.engine) as session:
             seed(session)
         yield client

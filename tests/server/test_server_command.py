@@ -18,6 +18,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from server.auth.tokens import read_admin_token
 from shared.messages import Presence, PresenceStatus
 from shared.topics import Channel, device_topic
 
@@ -91,8 +92,14 @@ def test_the_embedded_broker_admits_enrolled_devices_only(tmp_path: Path) -> Non
             assert server.poll() is None, server.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
             assert time.monotonic() < deadline, "the server did not start"
             time.sleep(0.2)
+        # Operator routes take the admin token the dev-mode server wrote at its first start.
+        admin = read_admin_token(tmp_path / "data")
+        assert admin is not None and admin.startswith("ef_op_")
+        headers = {"Authorization": f"Bearer {admin}"}
         token = httpx.post(
-            f"{api}/provisioning-tokens", json={"auto_accept": True, "max_uses": 1}
+            f"{api}/provisioning-tokens",
+            json={"auto_accept": True, "max_uses": 1},
+            headers=headers,
         ).json()["token"]
         enrolled = httpx.post(
             f"{api}/enroll",
@@ -116,7 +123,7 @@ def test_the_embedded_broker_admits_enrolled_devices_only(tmp_path: Path) -> Non
         # The server's own inventory consumer got in (with the service identity): it saw
         # the device's presence.
         deadline = time.monotonic() + 15
-        while not httpx.get(f"{api}/devices/cam-7").json()["last_seen"]:
+        while not httpx.get(f"{api}/devices/cam-7", headers=headers).json()["last_seen"]:
             assert time.monotonic() < deadline, "the inventory never heard of the device"
             time.sleep(0.2)
     finally:

@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import Session
 
 from server.api.deps import NowDep, SessionDep
+from server.auth import audit
+from server.auth.deps import PrincipalDep
+from server.auth.models import Principal
 from server.brokerconf.hooks import BrokerConfigDep
 from server.brokerconf.writer import BrokerConfigWriter
 from server.fleet import devices as inventory
@@ -86,9 +89,19 @@ def _change(
     action: enrollment.Action,
     now: datetime,
     broker_config: BrokerConfigWriter | None,
+    who: Principal,
 ) -> DevicePublic:
     device = inventory.get_device(session, device_id=device_id)
+    before = device.status
     enrollment.change_status(session, device=device, action=action, now=now)
+    audit.record(
+        session,
+        actor=who.name,
+        action=f"device.{action}",
+        target=f"device:{device_id}",
+        detail={"from": str(before), "to": str(device.status)},
+        at=now,
+    )
     session.commit()
     if broker_config is not None:  # the broker's password and ACL files follow the change
         broker_config.credentials_changed()
@@ -97,9 +110,13 @@ def _change(
 
 @router.post("/{device_id}/accept", response_model=DevicePublic, summary="Accept a pending device")
 def accept_device(
-    device_id: str, session: SessionDep, now: NowDep, broker_config: BrokerConfigDep
+    device_id: str,
+    session: SessionDep,
+    now: NowDep,
+    broker_config: BrokerConfigDep,
+    who: PrincipalDep,
 ) -> DevicePublic:
-    return _change(session, device_id, "accept", now, broker_config)
+    return _change(session, device_id, "accept", now, broker_config, who)
 
 
 @router.post(
@@ -108,9 +125,13 @@ def accept_device(
     summary="Reject a pending device (its credentials stop working)",
 )
 def reject_device(
-    device_id: str, session: SessionDep, now: NowDep, broker_config: BrokerConfigDep
+    device_id: str,
+    session: SessionDep,
+    now: NowDep,
+    broker_config: BrokerConfigDep,
+    who: PrincipalDep,
 ) -> DevicePublic:
-    return _change(session, device_id, "reject", now, broker_config)
+    return _change(session, device_id, "reject", now, broker_config, who)
 
 
 @router.post(
@@ -119,9 +140,13 @@ def reject_device(
     summary="Revoke a device (its credentials stop working)",
 )
 def revoke_device(
-    device_id: str, session: SessionDep, now: NowDep, broker_config: BrokerConfigDep
+    device_id: str,
+    session: SessionDep,
+    now: NowDep,
+    broker_config: BrokerConfigDep,
+    who: PrincipalDep,
 ) -> DevicePublic:
-    return _change(session, device_id, "revoke", now, broker_config)
+    return _change(session, device_id, "revoke", now, broker_config, who)
 
 
 @router.patch(
@@ -139,7 +164,10 @@ def change_tags(device_id: str, body: TagChange, session: SessionDep) -> DeviceP
     status_code=status.HTTP_204_NO_CONTENT,
     summary="Forget a rejected or revoked device, so its id may enroll again",
 )
-def delete_device(device_id: str, session: SessionDep) -> Response:
+def delete_device(device_id: str, session: SessionDep, now: NowDep, who: PrincipalDep) -> Response:
     inventory.delete_device(session, device=inventory.get_device(session, device_id=device_id))
+    audit.record(
+        session, actor=who.name, action="device.delete", target=f"device:{device_id}", at=now
+    )
     session.commit()
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,9 +1,11 @@
-"""Provisioning tokens (operator) and ``POST /enroll`` (device).
+"""Provisioning tokens (admin: ``tokens_router``) and ``POST /enroll`` (device: ``router``).
 
 Answers: a new token 201 with its secret (shown once); ``/enroll`` 201 with the
 device's credentials (shown once). Refusals: 401 unknown token, 403 a token that is
 revoked / expired / used up / for another profile, 409 a device id that is already
-registered, 422 bad facts (every problem named). See :mod:`server.fleet.enrollment`.
+registered, 422 bad facts (every problem named), 429 too many enrollments from one
+address or with one token (``Retry-After`` says when to try again; the limits are in
+the settings and per process). See :mod:`server.fleet.enrollment`.
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ from datetime import datetime, timedelta
 from typing import Annotated, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from fastapi import APIRouter, Request, status
+from fastapi import APIRouter, Depends, Request, status
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from sqlmodel import Session
 
 from server.api.deps import KeysDep, NowDep, ProfilesDep, SessionDep, SettingsDep
+from server.auth import audit
+from server.auth.deps import AdminDep, client_address, rate_limited
+from server.auth.ratelimit import RateLimiter
 from server.brokerconf.hooks import BrokerConfigDep
 from server.fleet import enrollment
 from server.fleet.models import DeviceGroup, DeviceStatus, ProvisioningToken, RuntimeFacts
@@ -30,9 +35,11 @@ __all__ = [
     "TokenCreated",
     "TokenPublic",
     "router",
+    "tokens_router",
 ]
 
 router = APIRouter(tags=["enrollment"])
+tokens_router = APIRouter(tags=["enrollment"])  # admin only: server.app includes it so
 
 DeviceId = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(check_device_id)]
 ProfileName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
@@ -143,14 +150,14 @@ def _without_credentials(url: str) -> str:
 # ----------------------------------------------------------------------------- routes
 
 
-@router.post(
+@tokens_router.post(
     "/provisioning-tokens",
     response_model=TokenCreated,
     status_code=status.HTTP_201_CREATED,
     summary="Create a provisioning token (its secret is shown once)",
 )
 def create_token(
-    body: TokenCreate, session: SessionDep, now: NowDep, profiles: ProfilesDep
+    body: TokenCreate, session: SessionDep, now: NowDep, profiles: ProfilesDep, admin: AdminDep
 ) -> TokenCreated:
     issued = enrollment.create_token(
         session,
@@ -163,12 +170,20 @@ def create_token(
         auto_accept=body.auto_accept,
         known_profiles=set(profiles),
     )
+    audit.record(
+        session,
+        actor=admin.name,
+        action="provisioning_token.create",
+        target=f"provisioning_token:{issued.record.id}",
+        detail=body.model_dump(),
+        at=now,
+    )
     session.commit()
     public = _token_public(session, issued.record, now)
     return TokenCreated(**public.model_dump(), token=issued.token)
 
 
-@router.get(
+@tokens_router.get(
     "/provisioning-tokens",
     response_model=list[TokenPublic],
     summary="List provisioning tokens (never their secrets)",
@@ -177,20 +192,42 @@ def list_tokens(session: SessionDep, now: NowDep) -> list[TokenPublic]:
     return [_token_public(session, t, now) for t in enrollment.list_tokens(session)]
 
 
-@router.get("/provisioning-tokens/{token_id}", response_model=TokenPublic, summary="One token")
+@tokens_router.get(
+    "/provisioning-tokens/{token_id}", response_model=TokenPublic, summary="One token"
+)
 def show_token(token_id: str, session: SessionDep, now: NowDep) -> TokenPublic:
     return _token_public(session, enrollment.get_token(session, token_id=token_id), now)
 
 
-@router.post(
+@tokens_router.post(
     "/provisioning-tokens/{token_id}/revoke",
     response_model=TokenPublic,
     summary="Revoke a token; devices it enrolled keep their credentials",
 )
-def revoke_token(token_id: str, session: SessionDep, now: NowDep) -> TokenPublic:
+def revoke_token(token_id: str, session: SessionDep, now: NowDep, admin: AdminDep) -> TokenPublic:
     token = enrollment.revoke_token(session, token_id=token_id)
+    audit.record(
+        session,
+        actor=admin.name,
+        action="provisioning_token.revoke",
+        target=f"provisioning_token:{token_id}",
+        at=now,
+    )
     session.commit()
     return _token_public(session, token, now)
+
+
+def _limit_by_address(request: Request) -> None:
+    limiter: RateLimiter = request.app.state.enroll_by_address
+    wait = limiter.hit(client_address(request))
+    if wait is not None:
+        raise rate_limited(wait, "enrollments from this address")
+
+
+def _token_key(token: str) -> str:
+    """The token's id (``efp.<id>.<secret>``): the secret is never kept, even in memory."""
+    parts = token.split(".")
+    return parts[1] if len(parts) == 3 and parts[0] == "efp" else "(malformed)"
 
 
 @router.post(
@@ -203,7 +240,9 @@ def revoke_token(token_id: str, session: SessionDep, now: NowDep) -> TokenPublic
         403: {"description": "token revoked, expired, used up, or for another profile"},
         409: {"description": "this device id is already registered"},
         422: {"description": "invalid facts (each problem named)"},
+        429: {"description": "too many enrollments from this address or with this token"},
     },
+    dependencies=[Depends(_limit_by_address)],
 )
 def enroll(
     body: EnrollRequest,
@@ -215,6 +254,10 @@ def enroll(
     profiles: ProfilesDep,
     broker_config: BrokerConfigDep,
 ) -> EnrollResponse:
+    by_token: RateLimiter = request.app.state.enroll_by_token
+    wait = by_token.hit(_token_key(body.token))
+    if wait is not None:
+        raise rate_limited(wait, "enrollments with this provisioning token")
     result = enrollment.enroll(
         session,
         token=body.token,

@@ -14,6 +14,8 @@ from sqlmodel import Session, select
 
 from server import registry
 from server.api.deps import ArtifactsDep, SessionDep
+from server.auth import audit
+from server.auth.deps import PrincipalDep
 from server.errors import ConflictError, InvalidInputError, NotFoundError
 from server.models import Dataset, Model, ModelVersion, TargetArtifact, TrainingRun
 from server.pipeline.types import GateConfig
@@ -202,11 +204,18 @@ def show_version(name: str, version: str, session: SessionDep) -> VersionView:
     summary="Edit a version's notes (everything else about a version is immutable)",
 )
 def update_version(
-    name: str, version: str, body: VersionUpdate, session: SessionDep
+    name: str, version: str, body: VersionUpdate, session: SessionDep, who: PrincipalDep
 ) -> VersionView:
     found = registry.get_version(session, model_name=name, version=version)
     found.notes = body.notes
     session.add(found)
+    audit.record(
+        session,
+        actor=who.name,
+        action="model.notes",
+        target=f"model:{name}@{found.version}",
+        detail={"notes": body.notes},
+    )
     session.commit()
     return show_version(name, str(found.version), session)
 
@@ -235,17 +244,33 @@ def download_bundle(
     response_model=AliasView,
     summary="Promote: point an alias at a version that passed its gates",
 )
-def promote(name: str, alias: str, body: PromoteRequest, session: SessionDep) -> AliasView:
+def promote(
+    name: str, alias: str, body: PromoteRequest, session: SessionDep, who: PrincipalDep
+) -> AliasView:
     row = registry.promote(session, model_name=name, version=body.version, alias=alias)
-    session.commit()
     version = session.get(ModelVersion, row.model_version_id)
     assert version is not None
+    audit.record(
+        session,
+        actor=who.name,
+        action="model.promote",
+        target=f"model:{name}",
+        detail={"alias": alias, "version": version.version, "asked": body.version},
+    )
+    session.commit()
     return AliasView(model=name, alias=alias, version=version.version)
 
 
 @router.put("/{name}/gates", response_model=GateConfig, summary="Gates for future versions")
-def set_gates(name: str, gates: GateConfig, session: SessionDep) -> GateConfig:
+def set_gates(name: str, gates: GateConfig, session: SessionDep, who: PrincipalDep) -> GateConfig:
     registry.set_gates(session, model_name=name, gates=gates)
+    audit.record(
+        session,
+        actor=who.name,
+        action="model.gates",
+        target=f"model:{name}",
+        detail=gates.model_dump(mode="json"),
+    )
     session.commit()
     return gates
 

@@ -26,6 +26,8 @@ from sqlmodel import Session
 
 from server.alerts.rules import ConditionKind
 from server.api.deps import NowDep, SessionDep
+from server.auth import audit
+from server.auth.deps import PrincipalDep
 from server.models import TrainingRun
 from server.retraining import service
 from server.retraining.models import RetrainingDecisionRecord, RetrainingPolicyRecord
@@ -356,10 +358,21 @@ def show_decision(decision_id: int, session: SessionDep) -> DecisionDetail:
     responses={409: {"description": "the decision is not pending approval"}},
 )
 def approve_decision(
-    decision_id: int, session: SessionDep, now: NowDep, body: DecisionCommand | None = None
+    decision_id: int,
+    session: SessionDep,
+    now: NowDep,
+    who: PrincipalDep,
+    body: DecisionCommand | None = None,
 ) -> DecisionDetail:
-    decision = service.approve(
-        session, decision_id=decision_id, now=now, note=(body or DecisionCommand()).note
+    note = (body or DecisionCommand()).note
+    decision = service.approve(session, decision_id=decision_id, now=now, note=note)
+    audit.record(
+        session,
+        actor=who.name,
+        action="retraining.approve",
+        target=f"retraining_decision:{decision_id}",
+        detail={"note": note},
+        at=now,
     )
     session.commit()
     return _decision_detail(session, service.get_decision(session, decision_id=decision.id or 0))
@@ -372,10 +385,21 @@ def approve_decision(
     responses={409: {"description": "the decision is not pending approval"}},
 )
 def reject_decision(
-    decision_id: int, session: SessionDep, now: NowDep, body: DecisionCommand | None = None
+    decision_id: int,
+    session: SessionDep,
+    now: NowDep,
+    who: PrincipalDep,
+    body: DecisionCommand | None = None,
 ) -> DecisionDetail:
-    decision = service.reject(
-        session, decision_id=decision_id, now=now, note=(body or DecisionCommand()).note
+    note = (body or DecisionCommand()).note
+    decision = service.reject(session, decision_id=decision_id, now=now, note=note)
+    audit.record(
+        session,
+        actor=who.name,
+        action="retraining.reject",
+        target=f"retraining_decision:{decision_id}",
+        detail={"note": note},
+        at=now,
     )
     session.commit()
     return _decision_detail(session, service.get_decision(session, decision_id=decision.id or 0))

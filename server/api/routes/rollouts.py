@@ -19,6 +19,9 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, JsonValue
 from sqlmodel import Session
 
 from server.api.deps import NowDep, SessionDep
+from server.auth import audit
+from server.auth.deps import PrincipalDep
+from server.auth.models import Principal
 from server.fleet.devices import get_device
 from server.fleet.groups import group_device_ids
 from server.fleet.models import DeviceGroup
@@ -352,7 +355,7 @@ def _wake(request: Request, device_ids: list[str] | None = None) -> None:
     },
 )
 def create_rollout(
-    body: RolloutCreate, session: SessionDep, now: NowDep, request: Request
+    body: RolloutCreate, session: SessionDep, now: NowDep, request: Request, who: PrincipalDep
 ) -> RolloutDetail:
     created = service.create_rollout(
         session,
@@ -370,6 +373,14 @@ def create_rollout(
         gates=body.gates,
         start_at=body.start_at,
         rollout_id=body.id,
+    )
+    audit.record(
+        session,
+        actor=who.name,
+        action="rollout.create",
+        target=f"rollout:{created.id}",
+        detail={"model": body.model, "version": body.version, "group": body.group},
+        at=now,
     )
     session.commit()
     _wake(request)
@@ -402,8 +413,23 @@ def show_rollout(rollout_id: str, session: SessionDep) -> RolloutDetail:
 
 
 def _after_command(
-    session: Session, request: Request, rollout: service.LoadedRollout
+    session: Session,
+    request: Request,
+    rollout: service.LoadedRollout,
+    *,
+    who: Principal,
+    action: str,
+    now: datetime,
+    detail: dict[str, object],
 ) -> RolloutDetail:
+    audit.record(
+        session,
+        actor=who.name,
+        action=f"rollout.{action}",
+        target=f"rollout:{rollout.id}",
+        detail=detail,
+        at=now,
+    )
     session.commit()
     _wake(request)
     return _detail(session, rollout)
@@ -419,11 +445,14 @@ def pause_rollout(
     session: SessionDep,
     now: NowDep,
     request: Request,
+    who: PrincipalDep,
     body: PauseRequest | None = None,
 ) -> RolloutDetail:
     reason = None if body is None else body.reason
     rollout, _ = service.pause_rollout(session, rollout_id=rollout_id, now=now, reason=reason)
-    return _after_command(session, request, rollout)
+    return _after_command(
+        session, request, rollout, who=who, action="pause", now=now, detail={"reason": reason}
+    )
 
 
 @router.post(
@@ -436,13 +465,22 @@ def resume_rollout(
     session: SessionDep,
     now: NowDep,
     request: Request,
+    who: PrincipalDep,
     body: ResumeRequest | None = None,
 ) -> RolloutDetail:
     override = False if body is None else body.override_gates
     rollout, _ = service.resume_rollout(
         session, rollout_id=rollout_id, now=now, override_gates=override
     )
-    return _after_command(session, request, rollout)
+    return _after_command(
+        session,
+        request,
+        rollout,
+        who=who,
+        action="resume",
+        now=now,
+        detail={"override_gates": override},
+    )
 
 
 @router.post(
@@ -455,11 +493,14 @@ def approve_rollout(
     session: SessionDep,
     now: NowDep,
     request: Request,
+    who: PrincipalDep,
     body: ApproveRequest | None = None,
 ) -> RolloutDetail:
     phase = None if body is None else body.phase
     rollout, _ = service.approve_rollout(session, rollout_id=rollout_id, now=now, phase=phase)
-    return _after_command(session, request, rollout)
+    return _after_command(
+        session, request, rollout, who=who, action="approve", now=now, detail={"phase": phase}
+    )
 
 
 @router.post(
@@ -472,11 +513,14 @@ def abort_rollout(
     session: SessionDep,
     now: NowDep,
     request: Request,
+    who: PrincipalDep,
     body: AbortRequest | None = None,
 ) -> RolloutDetail:
     reason = None if body is None else body.reason
     rollout, _ = service.abort_rollout(session, rollout_id=rollout_id, now=now, reason=reason)
-    return _after_command(session, request, rollout)
+    return _after_command(
+        session, request, rollout, who=who, action="abort", now=now, detail={"reason": reason}
+    )
 
 
 # ----------------------------------------------------------------------------- pins
@@ -495,10 +539,24 @@ def list_pins(device_id: str, session: SessionDep) -> list[PinPublic]:
     responses={409: {"description": "the device cannot run that version (the reason is named)"}},
 )
 def set_pin(
-    device_id: str, model_name: str, body: PinSet, session: SessionDep, request: Request
+    device_id: str,
+    model_name: str,
+    body: PinSet,
+    session: SessionDep,
+    request: Request,
+    who: PrincipalDep,
+    now: NowDep,
 ) -> PinPublic:
     pin = service.set_pin(
         session, device_id=device_id, model_name=model_name, version=body.version, note=body.note
+    )
+    audit.record(
+        session,
+        actor=who.name,
+        action="pin.set",
+        target=f"device:{device_id}",
+        detail={"model": model_name, "version": body.version, "note": body.note},
+        at=now,
     )
     session.commit()
     _wake(request, [device_id])
@@ -510,8 +568,23 @@ def set_pin(
     status_code=status.HTTP_204_NO_CONTENT,
     summary="Remove a pin; the device follows the rollouts again",
 )
-def clear_pin(device_id: str, model_name: str, session: SessionDep, request: Request) -> Response:
+def clear_pin(
+    device_id: str,
+    model_name: str,
+    session: SessionDep,
+    request: Request,
+    who: PrincipalDep,
+    now: NowDep,
+) -> Response:
     service.clear_pin(session, device_id=device_id, model_name=model_name)
+    audit.record(
+        session,
+        actor=who.name,
+        action="pin.clear",
+        target=f"device:{device_id}",
+        detail={"model": model_name},
+        at=now,
+    )
     session.commit()
     _wake(request, [device_id])
     return Response(status_code=status.HTTP_204_NO_CONTENT)

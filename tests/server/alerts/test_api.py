@@ -14,6 +14,7 @@ from sqlalchemy.engine import Engine
 
 from server.app import create_app
 from server.settings import Settings
+from tests.conftest import operator_client
 from tests.server.alerts.conftest import CANARY, CONTROL, MODEL, Clock, Fleet, at, make_fleet
 
 pytestmark = pytest.mark.database
@@ -39,7 +40,7 @@ def client(db_url: str, tmp_path: Path, fleet: Fleet, clock: Clock) -> Iterator[
         run_jobs=False,
         alert_interval_seconds=0.05,
     )
-    with TestClient(create_app(settings, clock=clock)) as client:
+    with operator_client(create_app(settings, clock=clock)) as client:
         yield client
 
 

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from server.app import create_app
 from server.cli import app
 from server.settings import Settings
+from tests.conftest import admin_token
 from tests.server.alerts.conftest import CANARY, MODEL, Clock, Fleet, at, make_fleet
 from tests.server.fleet.conftest import serve
 
@@ -30,11 +31,14 @@ def fleet(engine: Engine, tmp_path: Path) -> Fleet:
 
 
 @pytest.fixture
-def url(db_url: str, tmp_path: Path, fleet: Fleet) -> Iterator[str]:
+def url(
+    db_url: str, tmp_path: Path, fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[str]:
     settings = Settings(
         data_dir=tmp_path / "data", database_url=db_url, run_jobs=False, alert_interval_seconds=0.05
     )
     with serve(create_app(settings, clock=Clock(at(0.5)))) as found:
+        monkeypatch.setenv("EDGEFLEET_TOKEN", admin_token(settings))
         yield found
 
 

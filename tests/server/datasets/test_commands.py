@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from server.app import create_app
 from server.commands.datasets import app
 from server.settings import Settings
+from tests.conftest import admin_token
 
 pytestmark = pytest.mark.database
 
@@ -22,8 +23,9 @@ runner = CliRunner()
 
 
 @pytest.fixture
-def server_url(db_url: str, tmp_path: Path) -> Iterator[str]:
-    api = create_app(Settings(data_dir=tmp_path / "data", database_url=db_url))
+def server_url(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    settings = Settings(data_dir=tmp_path / "data", database_url=db_url)
+    api = create_app(settings)
     server = uvicorn.Server(
         uvicorn.Config(api, host="127.0.0.1", port=0, log_config=None, log_level="warning")
     )
@@ -34,6 +36,7 @@ def server_url(db_url: str, tmp_path: Path) -> Iterator[str]:
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.02)
     port = server.servers[0].sockets[0].getsockname()[1]
+    monkeypatch.setenv("EDGEFLEET_TOKEN", admin_token(settings))
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(timeout=10)

@@ -14,6 +14,7 @@ from server.api.routes.datasets import get_ingest_limits
 from server.app import create_app
 from server.datasets.ingest import IngestLimits
 from server.settings import Settings
+from tests.conftest import operator_client
 
 pytestmark = pytest.mark.database
 
@@ -25,7 +26,7 @@ GOOD_CSV = (
 @pytest.fixture
 def client(db_url: str, tmp_path: Path) -> Iterator[TestClient]:
     app = create_app(Settings(data_dir=tmp_path / "data", database_url=db_url))
-    with TestClient(app) as client:
+    with operator_client(app) as client:
         yield client
 
 

@@ -15,6 +15,7 @@ from sqlmodel import Session
 
 from server.app import create_app
 from server.settings import Settings
+from tests.conftest import operator_client
 from tests.server.drift.conftest import (
     CANARY,
     CONTROL,
@@ -35,7 +36,7 @@ RANGE = {"since": "2026-11-02T00:00:00Z", "until": "2026-11-02T06:00:00Z"}
 def client(db_url: str, tmp_path: Path) -> Iterator[TestClient]:
     settings = Settings(data_dir=tmp_path / "data", database_url=db_url, run_jobs=False)
     # The app lives on the fleet's own day, so its retention job keeps the seeded reports.
-    with TestClient(create_app(settings, clock=lambda: T0 + timedelta(hours=12))) as client:
+    with operator_client(create_app(settings, clock=lambda: T0 + timedelta(hours=12))) as client:
         state = client.app.state  # type: ignore[attr-defined]
         with Session(state.engine) as session:
             seed_fleet(session, store=state.artifacts, keys=state.keys, reference=REFERENCE)

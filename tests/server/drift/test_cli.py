@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from server.app import create_app
 from server.cli import app
+from tests.conftest import admin_token
 from tests.server.drift.conftest import DRIFTED_FEATURE, T0, make_reference, seed_fleet
 from tests.server.fleet.conftest import fleet_settings, serve
 
@@ -23,13 +24,14 @@ RANGE = ["--since", "2026-11-02T00:00:00Z", "--until", "2026-11-02T06:00:00Z"]
 
 
 @pytest.fixture
-def server_url(db_url: str, tmp_path: Path) -> Iterator[str]:
+def server_url(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     # The app lives on the fleet's own day, so its retention job keeps the seeded reports.
     api = create_app(
         fleet_settings(db_url, tmp_path, run_jobs=False), clock=lambda: T0 + timedelta(hours=12)
     )
     with serve(api) as url:
         state = api.state
+        monkeypatch.setenv("EDGEFLEET_TOKEN", admin_token(state.settings))
         with Session(state.engine) as session:
             seed_fleet(session, store=state.artifacts, keys=state.keys, reference=make_reference())
             session.commit()

@@ -20,6 +20,7 @@ from server.app import create_app
 from server.cli import app as cli
 from server.samples.service import store_sample_batches
 from shared.messages import SampleBatch
+from tests.conftest import admin_token, operator_client
 from tests.server.feedback.conftest import FEATURES, MODEL, T0, add_fleet, add_model
 from tests.server.fleet.conftest import fleet_settings, serve
 
@@ -33,7 +34,7 @@ UNTIL = ["--until", "2026-11-03T00:00:00Z"]  # a label posted now is at `now`, w
 def api(db_url: str, tmp_path: Path) -> Iterator[tuple[FastAPI, TestClient]]:
     app = create_app(fleet_settings(db_url, tmp_path, run_jobs=False))
     app.dependency_overrides[get_now] = lambda: NOW
-    with TestClient(app) as client:
+    with operator_client(app) as client:
         with Session(app.state.engine) as session:
             add_model(session, app.state.artifacts)
             add_fleet(session)
@@ -202,9 +203,10 @@ def test_samples_become_a_dataset_version_with_lineage(api: Any) -> None:
     assert again.json()["created"] is False
 
 
-def test_the_commands(api: Any) -> None:
+def test_the_commands(api: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     app, _ = api
     with serve(app) as url:
+        monkeypatch.setenv("EDGEFLEET_TOKEN", admin_token(app.state.settings))
         added = runner.invoke(
             cli,
             [

@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 from server.api.deps import get_now
 from server.app import create_app
 from server.settings import Settings
+from tests.conftest import operator_client
 
 PROFILE = "edge-x86_64-litert"
 OTHER_PROFILE = "edge-arm64-litert"
@@ -94,7 +95,7 @@ def fleet(db_url: str, tmp_path: Path) -> Iterator[Fleet]:
     app = create_app(fleet_settings(db_url, tmp_path, run_jobs=False))
     clock = Clock()
     app.dependency_overrides[get_now] = clock
-    with TestClient(app) as client:
+    with operator_client(app) as client:
         yield Fleet(app, client, clock)
 
 

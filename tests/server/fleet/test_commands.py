@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from server.app import create_app
 from server.cli import app
 from server.commands.tokens import parse_duration
+from tests.conftest import admin_token
 from tests.server.fleet.conftest import PROFILE, enroll_body, fleet_settings, serve
 
 pytestmark = pytest.mark.database
@@ -22,8 +23,10 @@ runner = CliRunner()
 
 
 @pytest.fixture
-def server_url(db_url: str, tmp_path: Path) -> Iterator[str]:
-    with serve(create_app(fleet_settings(db_url, tmp_path, run_jobs=False))) as url:
+def server_url(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    settings = fleet_settings(db_url, tmp_path, run_jobs=False)
+    with serve(create_app(settings)) as url:
+        monkeypatch.setenv("EDGEFLEET_TOKEN", admin_token(settings))
         yield url
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from fastapi.testclient import TestClient
 from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
@@ -26,7 +25,7 @@ from server.fleet.auth import (
 from server.fleet.enrollment import DeviceFacts, create_token, enroll, next_status
 from server.fleet.errors import DeviceAuthError, DeviceNotAcceptedError, StatusChangeError
 from server.fleet.models import Device, DeviceCredential, DeviceStatus, ProvisioningToken
-from tests.conftest import MosquittoProcess, mosquitto_binary
+from tests.conftest import MosquittoProcess, mosquitto_binary, operator_client
 from tests.server.fleet.conftest import (
     OTHER_PROFILE,
     PROFILE,
@@ -326,7 +325,7 @@ def test_the_broker_hint_never_carries_the_servers_own_credentials(
         inventory_consumer=False,
         run_jobs=False,
     )
-    with TestClient(create_app(settings)) as client:
+    with operator_client(create_app(settings)) as client:
         token = client.post("/api/v1/provisioning-tokens", json={}).json()["token"]
         body = client.post("/api/v1/enroll", json=enroll_body(token, "dev-1")).json()
     assert body["credentials"]["broker_url"] == "mqtts://broker.example:8883"

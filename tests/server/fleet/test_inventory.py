@@ -41,7 +41,7 @@ from shared.messages import (
     UpdateResult,
 )
 from shared.topics import Channel, device_topic
-from tests.conftest import MosquittoProcess, Will
+from tests.conftest import MosquittoProcess, Will, operator_client
 from tests.conftest import TestClient as MqttClient
 from tests.server.fleet.conftest import PROFILE
 
@@ -347,7 +347,7 @@ def test_the_server_runs_the_consumer_when_a_broker_is_configured(
         run_jobs=False,
     )
     app = create_app(settings)
-    with TestClient(app) as client:
+    with operator_client(app) as client:
         consumer: InventoryConsumer = app.state.inventory
         assert consumer is not None and consumer.subscribed
         token = client.post(

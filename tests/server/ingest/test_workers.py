@@ -30,6 +30,7 @@ from server.ingest.workers import worker_client_id
 from shared.latency import latency_counts
 from shared.messages import LatencyHistogram, ModelWindow, TelemetryReport
 from shared.topics import Channel, device_topic
+from tests.conftest import operator_client
 from tests.server.ingest.test_telemetry import add_device
 
 pytestmark = [pytest.mark.database, pytest.mark.broker, pytest.mark.slow]
@@ -241,7 +242,6 @@ def test_the_server_runs_its_ingestion_as_worker_processes_when_asked(
 ) -> None:
     if mqtt_broker.kind != "mosquitto":
         pytest.skip("shared subscriptions are checked against Mosquitto")
-    from fastapi.testclient import TestClient
 
     from server.app import create_app
     from server.ingest.workers import IngestWorkers
@@ -263,7 +263,7 @@ def test_the_server_runs_its_ingestion_as_worker_processes_when_asked(
         ingest_client_id=f"edgefleet-ingest@{name}",
         ingest_share_group=name,
     )
-    with TestClient(create_app(settings)) as client:
+    with operator_client(create_app(settings)) as client:
         workers = client.app.state.ingest_workers  # type: ignore[attr-defined]
         assert isinstance(workers, IngestWorkers)
         assert client.app.state.telemetry_ingestor is None  # type: ignore[attr-defined]

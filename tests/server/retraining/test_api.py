@@ -14,6 +14,7 @@ from sqlalchemy.engine import Engine
 
 from server.app import create_app
 from server.settings import Settings
+from tests.conftest import operator_client
 from tests.server.alerts.conftest import (
     CANARY,
     CONTROL,
@@ -45,7 +46,7 @@ def client(db_url: str, tmp_path: Path, fleet: Fleet, clock: Clock) -> Iterator[
     settings = Settings(
         data_dir=tmp_path / "data", database_url=db_url, run_jobs=False, alert_interval_seconds=0.05
     )
-    with TestClient(create_app(settings, clock=clock)) as client:
+    with operator_client(create_app(settings, clock=clock)) as client:
         yield client
 
 
@@ -80,12 +81,27 @@ def test_policies_are_created_listed_changed_and_deleted(client: TestClient) -> 
         "POST",
         "/policies",
         201,
-        json=policy(cooldown=7200, training={"epochs": 2}, canary={"phases": "1dev,100"}),
+        json=policy(
+            cooldown=7200,
+            training={"epochs": 2},
+            canary={
+                "phases": "1dev,100",
+                "wait_between_phases": 30,
+                "gates": {"min_inferences": 50},
+            },
+        ),
     )
     assert created["kind"] == "drift" and created["groups"] == ["canary", "control"]
     assert created["approval"] is True and created["cooldown_seconds"] == 7200
     assert created["training"] == {"epochs": 2, "spec": {}} and created["alias"] == "candidate"
-    assert created["canary"] == {"phases": "1dev,100", "approval": True}
+    canary = created["canary"]
+    assert (canary["phases"], canary["approval"], canary["device_timeout"]) == (
+        "1dev,100",
+        True,
+        None,
+    )
+    assert canary["wait_between_phases"] == "PT30S" and canary["gates"]["min_inferences"] == 50
+    assert canary["gates"]["max_error_rate"] == 0.01  # the other gates keep their defaults
     call(client, "POST", "/policies", 201, json=policy("other", groups=["control"]))
     assert [p["name"] for p in call(client, "GET", "/policies")] == ["other", "sensor-drift"]
     assert call(client, "GET", "/policies", params={"model": "nope"}) == []

@@ -44,7 +44,7 @@ from server.simulator.fleet import FleetSimulator
 from shared.messages import Deployment, DesiredState
 from shared.preprocessing import PreprocessingStep, Scale, apply_preprocessing
 from shared.signing import Envelope
-from tests.conftest import BrokerEndpoint
+from tests.conftest import BrokerEndpoint, authorize
 from tests.server.conftest import add_dataset_row
 from tests.server.pipeline.conftest import make_dataset
 
@@ -218,6 +218,7 @@ class RolloutServer:
         self.app = create_app(self.settings, clock=self.clock)
         self.client = TestClient(self.app)
         self.client.__enter__()
+        authorize(self.client, self.app)
         wait_for(lambda: self.app.state.desired_publisher.connected, 10, "publisher connected")
         wait_for(lambda: self.app.state.inventory.subscribed, 10, "inventory subscribed")
         return self

@@ -23,6 +23,7 @@ from server.rollouts import service
 from server.rollouts.desired import DesiredContent, issue_manifest
 from server.settings import Settings
 from shared.messages import ArtifactRef, Deployment
+from tests.conftest import admin_token, operator_client
 from tests.server.fleet.conftest import enroll_body, serve
 from tests.server.rollouts.harness import PROFILE, Clock, register_version
 
@@ -55,7 +56,7 @@ def api(db_url: str, tmp_path: Path) -> Iterator[Api]:
     app = create_app(
         Settings(data_dir=tmp_path / "data", database_url=db_url, run_jobs=False), clock=Clock()
     )
-    with TestClient(app) as client:
+    with operator_client(app) as client:
         api = Api(app, client)
         for device_id in ("d1", "d2"):
             api.enroll(device_id)
@@ -258,7 +259,9 @@ def test_openapi_documents_the_rollout_endpoints(api: Api) -> None:
 # ----------------------------------------------------------------------------- the CLI
 
 
-def test_the_cli_creates_lists_shows_steers_and_pins(api: Api) -> None:
+def test_the_cli_creates_lists_shows_steers_and_pins(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
     runner = CliRunner()
 
     def cli(*args: str, code: int = 0) -> str:
@@ -267,6 +270,7 @@ def test_the_cli_creates_lists_shows_steers_and_pins(api: Api) -> None:
         return result.stdout
 
     with serve(api.app) as url:
+        monkeypatch.setenv("EDGEFLEET_TOKEN", admin_token(api.app.state.settings))
         create = [
             "rollouts", "create", "--model", MODEL, "--version", "1", "--group", "line",
             "--phases", "1dev,100", "--wait", "1h30m", "--rate", "10", "--timeout", "15m",

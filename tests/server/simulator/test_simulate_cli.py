@@ -10,17 +10,19 @@ from typer.testing import CliRunner
 
 from server.app import create_app
 from server.cli import app as cli
+from tests.conftest import admin_token
 from tests.server.fleet.conftest import fleet_settings, serve
 
 pytestmark = [pytest.mark.database, pytest.mark.broker]
 
 
 def test_simulate_enrolls_devices_that_go_online(
-    db_url: str, tmp_path: Path, mqtt_broker: object
+    db_url: str, tmp_path: Path, mqtt_broker: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     broker_url = mqtt_broker.url  # type: ignore[attr-defined]
     app = create_app(fleet_settings(db_url, tmp_path, run_jobs=False, broker_url=broker_url))
     with serve(app) as url:
+        monkeypatch.setenv("EDGEFLEET_TOKEN", admin_token(app.state.settings))
         result = CliRunner().invoke(
             cli,
             [

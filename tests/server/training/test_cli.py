@@ -25,6 +25,7 @@ from server.db import create_db_engine, migrate
 from server.settings import Settings
 from server.training import jobs
 from server.training.jobs import JobRunner
+from tests.conftest import admin_token
 from tests.server.training.conftest import (
     add_dataset_version,
     digits_schema,
@@ -43,6 +44,7 @@ cli.add_typer(runs_app, name="runs")
 class Server:
     url: str
     engine: Engine
+    operator: dict[str, str]  # headers of an operator call
 
 
 def _free_port() -> int:
@@ -88,8 +90,10 @@ def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
     thread = threading.Thread(target=api.run, daemon=True)
     thread.start()
     wait_for(lambda: api.started, timeout=30, what="the API server to start")
+    monkeypatch.setenv("EDGEFLEET_TOKEN", admin_token(settings))
     try:
-        yield Server(f"http://127.0.0.1:{port}", engine)
+        operator = {"Authorization": f"Bearer {admin_token(settings)}"}
+        yield Server(f"http://127.0.0.1:{port}", engine, operator)
     finally:
         api.should_exit = True
         thread.join(10)
@@ -147,10 +151,17 @@ def test_bad_requests_name_the_problem(server: Server) -> None:
 
 def test_runs_list_show_cancel_and_watch(server: Server) -> None:
     queued = httpx.post(
-        f"{server.url}/api/v1/runs", json={"dataset": "digits", "model": "hang-1", "epochs": 2}
+        f"{server.url}/api/v1/runs",
+        json={"dataset": "digits", "model": "hang-1", "epochs": 2},
+        headers=server.operator,
     ).json()
     wait_for(
-        lambda: httpx.get(f"{server.url}/api/v1/runs/{queued['id']}").json()["phase"] == "hanging",
+        lambda: (
+            httpx.get(f"{server.url}/api/v1/runs/{queued['id']}", headers=server.operator).json()[
+                "phase"
+            ]
+            == "hanging"
+        ),
         what="the worker to start",
     )
     code, out, _ = invoke(server, "runs", "list")

@@ -14,6 +14,7 @@ from server.app import create_app
 from server.models import Model, ModelVersion
 from server.settings import Settings
 from server.training import jobs
+from tests.conftest import operator_client
 from tests.server.training.conftest import (
     add_dataset_version,
     digits_schema,
@@ -30,7 +31,7 @@ def client(engine: Engine, db_url: str, tmp_path: Path) -> Iterator[TestClient]:
     add_dataset_version(engine, digits_schema(), name="digits", version=1)
     add_dataset_version(engine, digits_schema(), name="digits", version=2)
     add_dataset_version(engine, regression_data().schema, name="prices", version=1)
-    with TestClient(create_app(settings)) as client:
+    with operator_client(create_app(settings)) as client:
         yield client
 
 
