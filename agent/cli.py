@@ -111,6 +111,19 @@ def verify(
         typer.echo(f"    {key:13} {info[key]}")
 
 
+@app.command(
+    "verify-image",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def verify_image_command(ctx: typer.Context) -> None:
+    """Check a device image (folder or .tar.gz) before installing it: its signed
+    manifest against the fleet's root key, and every file's hash. `--help` for options."""
+    from agent.image_verify import main as verify_image_main
+
+    raise typer.Exit(verify_image_main(list(ctx.args)))
+
+
 ConfigOption = Annotated[Path, typer.Option("--config", help="The agent's TOML file.")]
 
 

@@ -329,6 +329,14 @@ def test_a_rerooted_image_passes_its_own_check_but_not_the_fleet_root(
         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], timeout=120,
     )  # fmt: skip
     assert checked.returncode == 0 and json.loads(checked.stdout)["root_given"] is True
+    # ... and so does the installed agent's command line.
+    agent_cli = Path(sys.executable).parent / "edgefleet-agent"
+    for image, code in ((fleet.image, 0), (folder, 1)):
+        checked = subprocess.run(
+            [str(agent_cli), "verify-image", str(image), "--root-key", str(fleet_root), "--json"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert checked.returncode == code, checked.stderr
 
 
 def test_the_archive_is_checked_without_unpacking(fleet: Fleet, tmp_path: Path) -> None:
