@@ -26,9 +26,9 @@ is then checked: every report stored exactly once, the rollups' inference count 
 to the reports' sum.
 
 Also printed for reference: ``store_reports`` alone (one process, reports parsed in
-memory, no broker) and ``parse_report`` alone, on the same reports. On SQLite the
-workers' transactions run one at a time (SQLite has one writer), so ``store_reports``
-alone bounds what any number of workers can reach there.
+memory, no broker; its preparation included) and ``parse_report`` alone, on the same
+reports. On SQLite the workers' transactions run one at a time (SQLite has one
+writer); what ``prepare_reports`` does runs before the transaction, in parallel.
 
     python bench/ingest.py [--quick] [--reports N] [--devices D] [--workers W]
                            [--batch-size B] [--db postgresql+psycopg://...]
@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from results import BenchResults, add_results_argument
 from sqlalchemy import func, select, text
 from sqlmodel import Session
 
@@ -355,6 +356,7 @@ def main() -> None:
         default=0,
         help="the broker's max_inflight_messages (0: no limit; Mosquitto's default is 20)",
     )
+    add_results_argument(parser)
     args = parser.parse_args()
     n_reports = args.reports or (3_000 if args.quick else 60_000)
     n_devices = args.devices or (1_000 if args.quick else 10_000)
@@ -482,7 +484,10 @@ def main() -> None:
             "info",
         ),
     ]
-    print("\n".join(lines))
+    results = BenchResults("ingest", quick=args.quick, path=args.results)
+    for line in lines[2:]:  # the table's rows, header and rule left out
+        results.add_row(*(cell.strip() for cell in line.strip()[2:-2].split(" | ")))
+    results.finish()
     if not exactly_once:
         raise SystemExit("ingestion did not store every report exactly once")
 

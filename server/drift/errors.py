@@ -6,8 +6,9 @@ API answers it with that class's status::
     │   └── TimeRangeError          a since / until / bucket that cannot be read or is empty
     ├── NotFoundError (404)
     │   └── NoReferenceError        the model version carries no drift reference
-    └── ConflictError (409)
-        └── LayoutMismatchError     stored counts were laid out unlike the version's reference
+    ├── ConflictError (409)
+    │   └── LayoutMismatchError     stored counts were laid out unlike the version's reference
+    └── RollupMismatchError (500)   a day's rollup row is not the sum of its hours' rows
 
 Unknown models, versions and groups are the registry's and the fleet's
 :class:`~server.errors.NotFoundError` (404).
@@ -15,9 +16,9 @@ Unknown models, versions and groups are the registry's and the fleet's
 
 from __future__ import annotations
 
-from server.errors import ConflictError, InvalidInputError, NotFoundError
+from server.errors import ConflictError, InvalidInputError, NotFoundError, ServerError
 
-__all__ = ["LayoutMismatchError", "NoReferenceError", "TimeRangeError"]
+__all__ = ["LayoutMismatchError", "NoReferenceError", "RollupMismatchError", "TimeRangeError"]
 
 
 class TimeRangeError(InvalidInputError):
@@ -30,3 +31,7 @@ class NoReferenceError(NotFoundError):
 
 class LayoutMismatchError(ConflictError):
     """Rollups under this reference id were stored in another layout than the reference's."""
+
+
+class RollupMismatchError(ServerError):
+    """Rollup rows that must agree do not: a bug or a hand-edited database, never bad input."""

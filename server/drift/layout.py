@@ -209,7 +209,12 @@ class Layout:
         )
         moments = np.empty((self.moment_rows, 5))
         if features:
-            moments[: self.n_features] = [_moment_row(f.moments) for f in features]
+            moments[: self.n_features] = [  # _moment_row, inlined: a call per feature shows
+                EMPTY_MOMENT
+                if m.n == 0 or m.min is None or m.max is None
+                else (m.n, m.mean, m.m2, m.min, m.max)
+                for m in (f.moments for f in features)
+            ]
         if self.moment_rows > self.n_features:
             moments[-1] = EMPTY_MOMENT
         p = sketch.predictions

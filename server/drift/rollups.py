@@ -3,10 +3,11 @@ transaction.
 
 :func:`add_windows` is called by :func:`server.ingest.telemetry.store_reports` with the
 model windows of the reports that transaction inserted -- and only those, so each
-report adds to the rollups exactly once. It sums the windows per rollup key in
-memory, then per table reads and locks the rows that exist (``SELECT ... FOR UPDATE`` on
-PostgreSQL; SQLite has one writer at a time), adds to them, and inserts the rest,
-always in key order, so concurrent ingestion workers never lose an update.
+report adds to the rollups exactly once. Sketches are flattened into their layout
+first (:func:`flatten_windows`, which ingestion runs before its transaction). The
+windows are summed per rollup key in memory, then per table one upsert inserts the
+rows that are new and locks and reads the rows that exist, and a second writes the
+sums -- always in key order, so concurrent ingestion workers never lose an update.
 
 What always holds:
 
@@ -21,13 +22,14 @@ What always holds:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Table, bindparam, select, tuple_, update
+import numpy.typing as npt
+from sqlalchemy import Table, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session
 
@@ -35,7 +37,7 @@ from server.db import utcnow
 from server.drift.layout import (
     Layout,
     LayoutError,
-    merge_moment_stack,
+    merge_moment_pair,
     pack_counts,
     pack_moments,
     unpack_counts,
@@ -47,10 +49,13 @@ from shared.drift import DriftSketch
 from shared.latency import N_LATENCY_BUCKETS
 
 __all__ = [
+    "FlatWindow",
     "RollupResult",
     "WindowInput",
     "add_windows",
     "device_table",
+    "flatten_window",
+    "flatten_windows",
     "fleet_table",
     "layouts_for",
     "retention_marks",
@@ -58,8 +63,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+IntArray = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float64]
+
 _CHUNK = 400
-"""Keys per ``IN (...)`` lookup: far below every backend's bind-parameter limit."""
+"""Rows per claiming upsert (a statement per chunk; results are matched by key)."""
 
 DEVICE_KEY = ("model_name", "model_version", "reference_id", "period", "bucket_start", "device_id")
 FLEET_KEY = DEVICE_KEY[:-1]
@@ -98,92 +106,49 @@ class RollupResult:
     """Tier additions skipped because the bucket was already deleted by retention."""
 
 
-class _Sum:
-    """What one rollup row gains: parts collected as they come, added up once at the end."""
+@dataclass(frozen=True, slots=True)
+class FlatWindow:
+    """A window ready to add: its sketch flattened into its reference's layout.
 
-    __slots__ = ("counts", "errors", "inferences", "latency", "moments", "windows")
-
-    def __init__(self) -> None:
-        self.windows = 0
-        self.inferences = 0
-        self.errors = 0
-        self.latency: list[np.ndarray] = []
-        self.counts: list[np.ndarray] = []
-        self.moments: list[np.ndarray] = []
-
-    def add(
-        self,
-        windows: int,
-        inferences: int,
-        errors: int,
-        latency: np.ndarray,
-        counts: np.ndarray | None,
-        moments: np.ndarray | None,
-    ) -> None:
-        self.windows += windows
-        self.inferences += inferences
-        self.errors += errors
-        self.latency.append(latency)
-        if counts is not None and moments is not None:
-            self.counts.append(counts)
-            self.moments.append(moments)
-
-
-def _columns(sums: Sequence[_Sum]) -> list[dict[str, Any]]:
-    """Each row's columns: counts added, moments merged with the k-way Chan update.
-
-    Rows with the same number and shape of parts are added up in one numpy call each,
-    so a batch costs a handful of calls rather than a few per row.
+    Made by :func:`flatten_windows`, which needs no database -- ingestion runs it before
+    its transaction (and its write lock) starts.
     """
-    out: list[dict[str, Any]] = [
-        {"windows": s.windows, "inferences": s.inferences, "errors": s.errors} for s in sums
-    ]
 
-    def grouped(parts_of: Callable[[_Sum], list[np.ndarray]]) -> dict[Any, list[int]]:
-        groups: dict[Any, list[int]] = {}
-        for i, s in enumerate(sums):
-            parts = parts_of(s)
-            groups.setdefault((len(parts), parts[0].shape if parts else None), []).append(i)
-        return groups
+    window: WindowInput
+    latency: IntArray
+    reference_id: str
+    """The sketch's reference id; ``""`` when there is no sketch or it was refused."""
+    counts: IntArray | None
+    moments: FloatArray | None
+    refused: str | None = None
+    """Why the sketch does not fit its reference's layout (None: it fits, or no sketch)."""
 
-    for name, parts_of in (("latency", _latency_of), ("counts", _counts_of)):
-        for (k, _), rows in grouped(parts_of).items():
-            if k == 0:
-                for i in rows:
-                    out[i][name] = None
-                continue
-            totals = np.stack([np.stack(parts_of(sums[i])) for i in rows]).sum(axis=1)
-            for i, total in zip(rows, totals, strict=True):
-                out[i][name] = pack_counts(total)
-    for (k, _), rows in grouped(_moments_of).items():
-        if k == 0:
-            for i in rows:
-                out[i]["moments"] = None
-            continue
-        stack = np.stack([np.stack(sums[i].moments) for i in rows])  # (rows, k, m, 5)
-        merged = stack[:, 0] if k == 1 else _merge_rows(stack)
-        for i, moments in zip(rows, merged, strict=True):
-            out[i]["moments"] = pack_moments(moments)
+
+def flatten_window(window: WindowInput, layouts: Mapping[str, Layout]) -> FlatWindow | None:
+    """``window`` flattened with the recorded layouts; None if its layout is not known."""
+    latency = np.asarray(window.latency, dtype=np.int64)
+    sketch = window.sketch
+    if sketch is None:
+        return FlatWindow(window, latency, "", None, None)
+    layout = layouts.get(sketch.reference_id)
+    if layout is None:
+        return None
+    try:
+        counts, moments = layout.flatten(sketch)
+    except LayoutError as e:
+        return FlatWindow(window, latency, "", None, None, refused=str(e))
+    return FlatWindow(window, latency, sketch.reference_id, counts, moments)
+
+
+def flatten_windows(
+    windows: Iterable[WindowInput], layouts: Mapping[str, Layout]
+) -> list[WindowInput | FlatWindow]:
+    """Each window flattened if its layout is in ``layouts``, else as it was."""
+    out: list[WindowInput | FlatWindow] = []
+    for window in windows:
+        flat = flatten_window(window, layouts)
+        out.append(window if flat is None else flat)
     return out
-
-
-def _latency_of(s: _Sum) -> list[np.ndarray]:
-    return s.latency
-
-
-def _counts_of(s: _Sum) -> list[np.ndarray]:
-    return s.counts
-
-
-def _moments_of(s: _Sum) -> list[np.ndarray]:
-    return s.moments
-
-
-def _merge_rows(stack: np.ndarray) -> np.ndarray:
-    """(rows, k, m, 5) -> (rows, m, 5): the k parts of every row merged at once."""
-    rows, k, m, _ = stack.shape
-    parts = stack.transpose(1, 0, 2, 3).reshape(k, rows * m, 5)
-    return merge_moment_stack(parts).reshape(rows, m, 5)
 
 
 def retention_marks(session: Session, *, lock: bool = False) -> dict[str, datetime]:
@@ -239,13 +204,17 @@ def _record_layouts(session: Session, sketches: dict[str, DriftSketch]) -> dict[
 
 def add_windows(
     session: Session,
-    windows: Iterable[WindowInput],
+    windows: Iterable[WindowInput | FlatWindow],
     *,
     marks: dict[str, datetime] | None = None,
+    layouts: dict[str, Layout] | None = None,
 ) -> RollupResult:
     """Add model windows to the device and fleet rollups of both tiers (see the module doc).
 
-    ``marks`` are the retention marks if the caller has read them already.
+    ``marks`` are the retention marks if the caller has read them already. ``layouts``
+    is a cache of recorded layouts (reference id -> layout) that windows not flattened
+    yet are flattened with; layouts recorded here are added to it. A layout never
+    changes once recorded, so a cache is valid for as long as its database lives.
     """
     items = list(windows)
     result = RollupResult(windows=len(items))
@@ -253,44 +222,53 @@ def add_windows(
         return result
     if marks is None:
         marks = retention_marks(session)
+    cache = {} if layouts is None else layouts
     first_sketch: dict[str, DriftSketch] = {}
+    for pending in items:
+        sketch = pending.sketch if isinstance(pending, WindowInput) else None
+        if sketch is not None and sketch.reference_id not in cache:
+            first_sketch.setdefault(sketch.reference_id, sketch)
+    if first_sketch:
+        cache.update(_record_layouts(session, first_sketch))
+    flats: list[FlatWindow] = []
     for item in items:
-        if item.sketch is not None:
-            first_sketch.setdefault(item.sketch.reference_id, item.sketch)
-    layouts = _record_layouts(session, first_sketch)
+        flat = item if isinstance(item, FlatWindow) else flatten_window(item, cache)
+        assert flat is not None  # every layout is known now
+        if flat.refused is not None:
+            result.refused_sketches.append((flat.window.device_id, flat.refused))
+            log.warning(
+                "drift sketch refused",
+                extra={
+                    "device_id": flat.window.device_id,
+                    "model": flat.window.model_name,
+                    "detail": flat.refused,
+                },
+            )
+        flats.append(flat)
 
-    device_sums: dict[tuple[Any, ...], _Sum] = {}
-    fleet_sums: dict[tuple[Any, ...], _Sum] = {}
-    for item in items:
-        reference_id, counts, moments = "", None, None
-        if item.sketch is not None:
-            try:
-                counts, moments = layouts[item.sketch.reference_id].flatten(item.sketch)
-                reference_id = item.sketch.reference_id
-            except LayoutError as e:
-                result.refused_sketches.append((item.device_id, str(e)))
-                log.warning(
-                    "drift sketch refused",
-                    extra={"device_id": item.device_id, "model": item.model_name, "detail": str(e)},
-                )
-        latency = np.asarray(item.latency, dtype=np.int64)
+    device_parts: dict[tuple[Any, ...], list[int]] = {}
+    fleet_parts: dict[tuple[Any, ...], list[int]] = {}
+    for index, flat in enumerate(flats):
+        item = flat.window
         for period in Period:
             bucket = floor_to(item.window_start, period)
             mark = marks.get(period.value)
             if mark is not None and bucket < mark:
                 result.expired += 1
                 continue
-            fleet_key = (item.model_name, item.model_version, reference_id, period.value, bucket)
-            for sums, key in (
-                (device_sums, (*fleet_key, item.device_id)),
-                (fleet_sums, fleet_key),
-            ):
-                target = sums.get(key)
-                if target is None:
-                    target = sums[key] = _Sum()
-                target.add(1, item.inferences, item.errors, latency, counts, moments)
-    _apply(session, device_table(), DEVICE_KEY, device_sums, layouts)
-    _apply(session, fleet_table(), FLEET_KEY, fleet_sums, layouts)
+            fleet_key = (
+                item.model_name,
+                item.model_version,
+                flat.reference_id,
+                period.value,
+                bucket,
+            )
+            device_parts.setdefault((*fleet_key, item.device_id), []).append(index)
+            fleet_parts.setdefault(fleet_key, []).append(index)
+    needed = {flat.reference_id for flat in flats if flat.reference_id}
+    known = {rid: cache[rid] for rid in needed}
+    _apply(session, device_table(), DEVICE_KEY, device_parts, flats, known)
+    _apply(session, fleet_table(), FLEET_KEY, fleet_parts, flats, known)
     return result
 
 
@@ -301,79 +279,187 @@ def _apply(
     session: Session,
     table: Table,
     key_names: tuple[str, ...],
-    sums: dict[tuple[Any, ...], _Sum],
+    parts: dict[tuple[Any, ...], list[int]],
+    flats: list[FlatWindow],
     layouts: dict[str, Layout],
 ) -> None:
-    """Add ``sums`` to their rows: lock and read the rows that exist, insert the rest.
+    """Add each key's windows (``parts``: indexes into ``flats``) to its row, in two upserts.
 
-    Keys are handled in sorted order (one lock order for every writer). A row another
-    writer inserted between our read and our insert is read (locked) and added to.
+    The first inserts the rows that do not exist yet -- marked by a negative ``windows``
+    -- and, for those that do, locks them and returns what they hold (its conflict
+    update changes nothing); the second writes every row's new sums. Both find rows by
+    the primary key's conflict check, not by a query plan, so a fresh table whose
+    statistics are stale cannot send them scanning. Keys go in sorted order (one lock
+    order for every writer); a row another writer inserts meanwhile is a conflict like
+    any other: we wait for its transaction and add to what it committed.
     """
-    if not sums:
+    if not parts:
         return
-    keys = sorted(sums)
+    keys = sorted(parts)
+    ours = _columns(keys, parts, flats, {}, layouts)
     key_columns = [table.c[name] for name in key_names]
-
-    def lock_and_read(wanted: list[tuple[Any, ...]]) -> dict[tuple[Any, ...], Any]:
-        found = {}
-        for start in range(0, len(wanted), _CHUNK):
-            rows = session.execute(
-                select(table)
-                .where(tuple_(*key_columns).in_(wanted[start : start + _CHUNK]))
-                .order_by(*key_columns)
-                .with_for_update()
-            ).mappings()
-            for row in rows:
-                found[tuple(row[name] for name in key_names)] = row
-        return found
-
-    existing = lock_and_read(keys)
-    missing = [key for key in keys if key not in existing]
-    if missing:
-        statement = (
-            _insert(session, table)
-            .on_conflict_do_nothing(index_elements=list(key_names))
-            .returning(*key_columns)
-        )
+    claim = (
+        _insert(session, table)
+        .on_conflict_do_update(index_elements=list(key_names), set_={"windows": table.c.windows})
+        .returning(*key_columns, *(table.c[name] for name in _SUM_COLUMNS))
+    )
+    found: dict[tuple[Any, ...], Any] = {}
+    for start in range(0, len(keys), _CHUNK):
         rows = [
-            dict(zip(key_names, key, strict=True)) | columns
-            for key, columns in zip(missing, _columns([sums[key] for key in missing]), strict=True)
+            dict(zip(key_names, key, strict=True)) | columns | {"windows": -columns["windows"]}
+            for key, columns in zip(
+                keys[start : start + _CHUNK], ours[start : start + _CHUNK], strict=True
+            )
         ]
-        inserted = {tuple(row) for row in session.execute(statement, rows)}
-        raced = [key for key in missing if key not in inserted]
-        if raced:
-            existing |= lock_and_read(raced)
-    if not existing:
-        return
-    ordered = sorted(existing)
-    for key in ordered:
-        row = existing[key]
-        sums[key].add(
-            row["windows"],
-            row["inferences"],
-            row["errors"],
-            unpack_counts(row["latency"], N_LATENCY_BUCKETS),
-            *_stored_drift(row, layouts),
+        for row in session.execute(claim, rows).mappings():
+            found[tuple(row[name] for name in key_names)] = row
+    if len(found) != len(keys):  # every row is inserted or claimed: anything else is a bug
+        raise RuntimeError(f"{table.name}: {len(keys) - len(found)} rollup rows were not claimed")
+    existing = {key: row for key, row in found.items() if row["windows"] > 0}
+    totals = dict(zip(keys, ours, strict=True))
+    if existing:
+        ordered = sorted(existing)
+        totals |= dict(
+            zip(ordered, _columns(ordered, parts, flats, existing, layouts), strict=True)
         )
-    changes = [
-        {f"k_{name}": value for name, value in zip(key_names, key, strict=True)}
-        | {f"v_{name}": value for name, value in columns.items()}
-        for key, columns in zip(ordered, _columns([sums[key] for key in ordered]), strict=True)
-    ]
-    statement = (
-        update(table)
-        .where(*(column == bindparam(f"k_{column.name}") for column in key_columns))
-        .values({name: bindparam(f"v_{name}") for name in _SUM_COLUMNS})
+    write = _insert(session, table)
+    write = write.on_conflict_do_update(
+        index_elements=list(key_names),
+        set_={name: write.excluded[name] for name in _SUM_COLUMNS},
     )
-    session.execute(statement, changes)
+    session.execute(write, [dict(zip(key_names, key, strict=True)) | totals[key] for key in keys])
 
 
-def _stored_drift(
-    row: Any, layouts: dict[str, Layout]
-) -> tuple[np.ndarray | None, np.ndarray | None]:
-    if row["counts"] is None or row["moments"] is None:
-        return None, None
-    layout = layouts[row["reference_id"]]
-    return unpack_counts(row["counts"], layout.size), unpack_moments(
-        row["moments"], layout.moment_rows
+def _columns(
+    keys: Sequence[tuple[Any, ...]],
+    parts: dict[tuple[Any, ...], list[int]],
+    flats: list[FlatWindow],
+    stored: dict[tuple[Any, ...], Any],
+    layouts: dict[str, Layout],
+) -> list[dict[str, Any]]:
+    """The new columns of each key's row: its windows (plus the ``stored`` row, if any)
+    added up -- counts by addition, moments by the k-way Chan update.
+
+    Every part of every row is stacked once and reduced by segments, so a batch costs
+    a handful of numpy calls per table and reference whatever its number of rows.
+    """
+    out: list[dict[str, Any]] = []
+    latency_parts: list[IntArray] = []
+    lengths: list[int] = []
+    for key in keys:
+        indexes = parts[key]
+        row = stored.get(key)
+        inferences = errors = 0
+        for i in indexes:
+            window = flats[i].window
+            inferences += window.inferences
+            errors += window.errors
+            latency_parts.append(flats[i].latency)
+        windows = len(indexes)
+        if row is not None:
+            windows += row["windows"]
+            inferences += row["inferences"]
+            errors += row["errors"]
+            latency_parts.append(unpack_counts(row["latency"], N_LATENCY_BUCKETS))
+        lengths.append(len(indexes) + (row is not None))
+        out.append({"windows": windows, "inferences": inferences, "errors": errors})
+    for column, total in zip(out, _segment_sums(latency_parts, lengths), strict=True):
+        column["latency"] = pack_counts(total)
+
+    by_reference: dict[str, list[int]] = {}
+    for position, key in enumerate(keys):
+        reference_id = key[2]
+        if reference_id:
+            by_reference.setdefault(reference_id, []).append(position)
+        else:
+            out[position]["counts"] = out[position]["moments"] = None
+    for reference_id, positions in by_reference.items():
+        layout = layouts[reference_id]
+        count_parts: list[IntArray] = []
+        moment_parts: list[FloatArray] = []
+        lengths = []
+        for position in positions:
+            key = keys[position]
+            indexes = parts[key]
+            for i in indexes:
+                flat = flats[i]
+                assert flat.counts is not None and flat.moments is not None
+                count_parts.append(flat.counts)
+                moment_parts.append(flat.moments)
+            row = stored.get(key)
+            extra = 0
+            if row is not None and row["counts"] is not None and row["moments"] is not None:
+                count_parts.append(unpack_counts(row["counts"], layout.size))
+                moment_parts.append(unpack_moments(row["moments"], layout.moment_rows))
+                extra = 1
+            lengths.append(len(indexes) + extra)
+        counts = _segment_sums(count_parts, lengths)
+        moments = _segment_moments(moment_parts, lengths)
+        for position, total, merged in zip(positions, counts, moments, strict=True):
+            out[position]["counts"] = pack_counts(total)
+            out[position]["moments"] = pack_moments(merged)
+    return out
+
+
+def _starts(lengths: Sequence[int]) -> IntArray:
+    starts = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    return starts
+
+
+def _segment_sums(parts: list[IntArray], lengths: Sequence[int]) -> IntArray:
+    """Consecutive runs of ``lengths`` parts added up: ``(len(lengths), size)``."""
+    stack = np.stack(parts)
+    longest = max(lengths)
+    if longest == 1:
+        return stack
+    starts = _starts(lengths)
+    if longest == 2:  # the usual device rows: this batch's window plus what was stored
+        total: IntArray = stack[starts]
+        two = np.asarray(lengths) == 2
+        total[two] += stack[starts[two] + 1]
+        return total
+    total = np.add.reduceat(stack, starts, axis=0)
+    return total
+
+
+def _segment_moments(parts: list[FloatArray], lengths: Sequence[int]) -> FloatArray:
+    """Consecutive runs of ``lengths`` moment arrays ``(m, 5)`` merged: ``(runs, m, 5)``.
+
+    The k-way Chan update of :func:`server.drift.layout.merge_moment_stack`, by segments;
+    a run of one part is that part, unchanged.
+    """
+    stack = np.stack(parts)
+    longest = max(lengths)
+    if longest == 1:
+        return stack
+    starts = _starts(lengths)
+    if longest == 2:  # pairs: Chan's update for two parts, rows of one part kept as they are
+        merged = stack[starts]
+        two = np.asarray(lengths) == 2
+        first, second = stack[starts[two]], stack[starts[two] + 1]
+        rows = first.shape[0] * first.shape[1]
+        merged[two] = merge_moment_pair(first.reshape(rows, 5), second.reshape(rows, 5)).reshape(
+            first.shape
+        )
+        return merged
+    n_i = stack[:, :, 0]
+    n = np.add.reduceat(n_i, starts, axis=0)
+    safe = np.where(n > 0, n, 1.0)
+    mean = np.add.reduceat(n_i * stack[:, :, 1], starts, axis=0) / safe
+    spread = np.where(n_i > 0, n_i * (stack[:, :, 1] - np.repeat(mean, lengths, axis=0)) ** 2, 0.0)
+    m2 = np.add.reduceat(stack[:, :, 2], starts, axis=0) + np.add.reduceat(spread, starts, axis=0)
+    merged: FloatArray = np.stack(
+        [
+            n,
+            np.where(n > 0, mean, 0.0),
+            np.maximum(m2, 0.0),
+            np.minimum.reduceat(stack[:, :, 3], starts, axis=0),
+            np.maximum.reduceat(stack[:, :, 4], starts, axis=0),
+        ],
+        axis=2,
     )
+    single = np.asarray(lengths) == 1
+    if single.any():
+        merged[single] = stack[starts[single]]
+    return merged

@@ -9,9 +9,10 @@ What always holds:
 - The scope is the whole fleet, a group's members *now* (accepted devices, as
   :func:`server.fleet.groups.group_device_ids` computes them), or a list of devices.
 - The whole fleet is answered from the fleet rollups plus the device rollups' counts
-  (for the device shares); a group or list from its devices' rollups alone. Fleet
-  rows are the sums of device rows (kept in the same transaction), so both give the
-  same figures.
+  (for the device shares, read by :func:`~server.drift.timerange.count_plan`: a day
+  mostly in range as its day row minus the hours outside it); a group or list from
+  its devices' rollups alone. Fleet rows are the sums of device rows (kept in the
+  same transaction), so both give the same figures.
 - Bad input raises a :class:`~server.errors.ServerError` whose message names it:
   unknown model, version or group (404), a bad range, feature or bucket (422).
 """
@@ -44,8 +45,8 @@ from server.drift.layout import Layout
 from server.drift.reference import version_reference
 from server.drift.report import DriftReport, DriftTimeseries, Thresholds
 from server.drift.rollups import fleet_table, retention_marks
-from server.drift.storage import Totals, read_sums, stored_layout
-from server.drift.timerange import Period, Segment, floor_to, plan, resolve_range
+from server.drift.storage import Totals, read_device_counts, read_sums, stored_layout
+from server.drift.timerange import Period, Segment, count_plan, floor_to, plan, resolve_range
 from server.errors import InvalidInputError
 from server.fleet.groups import get_group, group_device_ids
 from server.keys import FleetKeys
@@ -154,17 +155,27 @@ def drift_report(
             **options,
         )
 
+    scores = DevicePsi([], np.zeros((0, 0)), np.zeros((0, 0), dtype=np.int64))
     if scope.device_ids is None:
         merged = read(True)
-        devices = read(False, sla=False, moments=False, per_device=True)
-        rows_read = {f"fleet_{k}": v for k, v in merged.rows.items()} | devices.rows
+        rows_read = {f"fleet_{k}": v for k, v in merged.rows.items()}
+        if layout is not None:  # the device shares need counts alone: days minus hours do
+            devices = read_device_counts(
+                session,
+                model_name=model_name,
+                model_version=model_version,
+                counts_plan=count_plan(covered, hour_deleted_before=marks.get("hour")),
+                reference_id=reference.reference_id,
+                layout=layout,
+            )
+            rows_read |= devices.rows
+            scores = device_psi(reference, layout, devices.device_ids, devices.counts)
     else:
-        devices = merged = read(False, device_ids=scope.device_ids, per_device=True)
-        rows_read = devices.rows
+        merged = read(False, device_ids=scope.device_ids, per_device=True)
+        rows_read = merged.rows
+        if layout is not None and merged.device_counts is not None:
+            scores = device_psi(reference, layout, merged.device_ids, merged.device_counts)
     sums = merged.sums
-    scores = DevicePsi([], np.zeros((0, 0)), np.zeros((0, 0), dtype=np.int64))
-    if layout is not None and devices.device_counts is not None:
-        scores = device_psi(reference, layout, devices.device_ids, devices.device_counts)
     in_scope = None if scope.device_ids is None else len(scope.device_ids)
     summary, feature_act, feature_warn = device_summary(scores, thresholds, in_scope=in_scope)
     features, top_features, predictions = [], [], None

@@ -4,24 +4,31 @@
 reduces the rows in batches -- to scope totals, per-device counts and/or per-bucket
 counts -- so no more than a batch of rows is ever held decoded.
 
+:func:`read_device_counts` reads each device's drift counts alone over a
+:class:`~server.drift.timerange.CountPlan` (day rows minus hour rows, where that reads
+fewer rows).
+
 What always holds: only rows of the plan's segments and only the columns asked for
-are read; blobs are decoded with the layout recorded when they were written
+are read, in one statement (one ``SELECT`` per segment under ``UNION ALL``, so each is
+an index range); blobs are decoded with the layout recorded when they were written
 (``drift_layouts``), a batch at a time; counts are added as int64, exactly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import uuid
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, literal, select, union_all
 from sqlmodel import Session
 
 from server.drift.compute import Sums
+from server.drift.errors import RollupMismatchError
 from server.drift.layout import (
     EMPTY_MOMENT,
     Layout,
@@ -31,10 +38,10 @@ from server.drift.layout import (
     unpack_moments,
 )
 from server.drift.rollups import device_table, fleet_table, layouts_for
-from server.drift.timerange import Period, Segment, floor_to
+from server.drift.timerange import CountPlan, Period, Segment, floor_to
 from shared.latency import N_LATENCY_BUCKETS
 
-__all__ = ["Totals", "read_sums", "stored_layout"]
+__all__ = ["DeviceCounts", "Totals", "read_device_counts", "read_sums", "stored_layout"]
 
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
@@ -170,22 +177,14 @@ def read_sums(
         columns.append(c.moments)
     if sla:
         columns += [c.windows, c.inferences, c.errors, c.latency]
-    query = select(*columns).where(
-        c.model_name == model_name,
-        c.model_version == model_version,
-        or_(
-            *(
-                and_(c.period == s.period.value, c.bucket_start >= s.start, c.bucket_start < s.end)
-                for s in segments
-            )
-        ),
-    )
+    conditions: list[Any] = [c.model_name == model_name, c.model_version == model_version]
     if not sla:
-        query = query.where(c.reference_id == reference_id)
+        conditions.append(c.reference_id == reference_id)
     wanted = None if device_ids is None or fleet else set(device_ids)
     if wanted is not None and len(wanted) <= _IN_LIST_LIMIT:
-        query = query.where(c.device_id.in_(sorted(wanted)))
+        conditions.append(c.device_id.in_(sorted(wanted)))
         wanted = None  # the database filtered already
+    query = _by_segment([select(*columns).where(*conditions)], table, segments)
     reducer = (
         None
         if layout is None
@@ -196,22 +195,22 @@ def read_sums(
     latency = np.zeros(N_LATENCY_BUCKETS, dtype=np.int64)
     latency_blobs: list[bytes] = []
     sla_at = 6 if moments else 5
-    result = session.execute(query.execution_options(yield_per=_BATCH))
-    for row in result:
-        device_id = "" if fleet else row[4]
-        if wanted is not None and device_id not in wanted:
-            continue
-        rows[row[0]] = rows.get(row[0], 0) + 1
-        if sla:
-            windows += row[sla_at]
-            inferences += row[sla_at + 1]
-            errors += row[sla_at + 2]
-            latency_blobs.append(row[sla_at + 3])
-            if len(latency_blobs) >= _BATCH:
-                latency += unpack_counts_many(latency_blobs, N_LATENCY_BUCKETS).sum(axis=0)
-                latency_blobs = []
-        if reducer is not None and row[2] == reference_id and row[3] is not None:
-            reducer.add(row[3], row[5] if moments else None, device_id, row[1])
+    for part in _batches(session, query):
+        for row in part:
+            device_id = "" if fleet else row[4]
+            if wanted is not None and device_id not in wanted:
+                continue
+            rows[row[0]] = rows.get(row[0], 0) + 1
+            if sla:
+                windows += row[sla_at]
+                inferences += row[sla_at + 1]
+                errors += row[sla_at + 2]
+                latency_blobs.append(row[sla_at + 3])
+                if len(latency_blobs) >= _BATCH:
+                    latency += unpack_counts_many(latency_blobs, N_LATENCY_BUCKETS).sum(axis=0)
+                    latency_blobs = []
+            if reducer is not None and row[2] == reference_id and row[3] is not None:
+                reducer.add(row[3], row[5] if moments else None, device_id, row[1])
     if latency_blobs:
         latency += unpack_counts_many(latency_blobs, N_LATENCY_BUCKETS).sum(axis=0)
     sums = Sums(windows=windows, inferences=inferences, errors=errors, latency=latency)
@@ -225,3 +224,133 @@ def read_sums(
             totals.device_ids, totals.device_counts = reducer.device_counts()
         totals.bucket_counts = reducer.buckets
     return totals
+
+
+@dataclass
+class DeviceCounts:
+    """Each device's drift counts over a range (devices with windows in it, sorted)."""
+
+    device_ids: list[str]
+    counts: IntArray
+    """(len(device_ids), layout.size)."""
+    rows: dict[str, int]
+    """Rows read, per period."""
+
+
+def _segment_clause(table: Any, segment: Segment) -> Any:
+    c = table.c
+    return and_(
+        c.period == segment.period.value,
+        c.bucket_start >= segment.start,
+        c.bucket_start < segment.end,
+    )
+
+
+def _by_segment(queries: list[Any], table: Any, segments: Collection[Segment]) -> Any:
+    """Each query restricted to each segment, as one statement (``UNION ALL``).
+
+    Not one ``WHERE`` with an ``OR`` of the segments: PostgreSQL cannot turn that into
+    index ranges and reads every row of the model version instead. One statement is one
+    snapshot, so rows of several segments are read consistently.
+    """
+    parts = [query.where(_segment_clause(table, s)) for query in queries for s in segments]
+    combined: Any = parts[0] if len(parts) == 1 else union_all(*parts)
+    return combined
+
+
+def read_device_counts(
+    session: Session,
+    *,
+    model_name: str,
+    model_version: int,
+    counts_plan: CountPlan,
+    reference_id: str,
+    layout: Layout,
+) -> DeviceCounts:
+    """Each device's drift counts (rows of ``reference_id``) over a :class:`CountPlan`.
+
+    One statement reads the ``plus`` and ``minus`` rows together (one snapshot, so a
+    day row and its hours agree); rows are decoded and added -- or taken away -- a batch
+    at a time. A device is in the answer if windows remain to it in the range.
+    """
+    table = device_table()
+    c = table.c
+
+    def rows_of(segments: Collection[Segment], sign: int) -> list[Any]:
+        return [
+            select(c.device_id, c.period, c.windows, c.counts, literal(sign)).where(
+                c.model_name == model_name,
+                c.model_version == model_version,
+                c.reference_id == reference_id,
+                c.counts.is_not(None),
+                _segment_clause(table, s),
+            )
+            for s in segments
+        ]
+
+    parts = rows_of(counts_plan.plus, 1) + rows_of(counts_plan.minus, -1)
+    if not parts:
+        return DeviceCounts([], np.zeros((0, layout.size), dtype=np.int64), {})
+    query: Any = parts[0] if len(parts) == 1 else union_all(*parts)
+    index: dict[str, int] = {}
+    capacity = _BATCH
+    totals = np.zeros((capacity, layout.size), dtype=np.int64)
+    windows = np.zeros(capacity, dtype=np.int64)
+    rows: dict[str, int] = {}
+    for part in _batches(session, query):
+        positions = [index.setdefault(row[0], len(index)) for row in part]
+        if len(index) > capacity:
+            capacity = max(2 * capacity, len(index))
+            totals = np.concatenate(
+                [totals, np.zeros((capacity - len(totals), layout.size), dtype=np.int64)]
+            )
+            windows = np.concatenate([windows, np.zeros(capacity - len(windows), np.int64)])
+        signs = np.fromiter((row[4] for row in part), dtype=np.int64, count=len(part))
+        decoded = unpack_counts_many([row[3] for row in part], layout.size)
+        if (signs < 0).any():
+            decoded *= signs[:, None]
+        at = np.asarray(positions, dtype=np.int64)
+        gained = signs * np.fromiter((row[2] for row in part), np.int64, len(part))
+        rest = np.arange(len(at))
+        while rest.size:  # fancy-index adds need distinct devices: one pass per repeat
+            distinct, first = np.unique(at[rest], return_index=True)
+            totals[distinct] += decoded[rest[first]]
+            windows[distinct] += gained[rest[first]]
+            if first.size == rest.size:
+                break
+            later = np.ones(rest.size, dtype=bool)
+            later[first] = False
+            rest = rest[later]
+        for row in part:
+            rows[row[1]] = rows.get(row[1], 0) + 1
+    n = len(index)
+    totals, windows = totals[:n], windows[:n]
+    if (windows < 0).any() or (totals < 0).any():  # a day row that is not its hours' sum
+        raise RollupMismatchError(
+            "the drift rollups disagree: a day's counts are below the sum of its hours"
+        )
+    ids = list(index)
+    order = [i for i in sorted(range(n), key=ids.__getitem__) if windows[i] > 0]
+    return DeviceCounts([ids[i] for i in order], totals[order], rows)
+
+
+def _batches(session: Session, query: Any) -> Iterator[Sequence[Any]]:
+    """The rows of ``query`` a batch at a time.
+
+    On PostgreSQL through a server-side cursor in psycopg's binary format: blobs come
+    as they are, not hex-encoded (twice the bytes, and decoding on both ends). The
+    cursor runs on the session's connection, so in its transaction.
+    """
+    connection = session.connection()
+    if connection.dialect.name != "postgresql":
+        yield from session.execute(query.execution_options(yield_per=_BATCH)).partitions()
+        return
+    compiled = query.compile(
+        dialect=connection.dialect, compile_kwargs={"render_postcompile": True}
+    )
+    raw: Any = connection.connection.dbapi_connection
+    with raw.cursor(name=f"drift_{uuid.uuid4().hex}", binary=True) as cursor:
+        cursor.itersize = _BATCH
+        cursor.execute(str(compiled), compiled.params)
+        while part := cursor.fetchmany(_BATCH):
+            yield part

@@ -5,7 +5,10 @@ it started. A range is answered at hour resolution: ``since`` is floored and ``u
 ceiled to whole hours, and the effective range is reported with every answer.
 :func:`plan` covers a range with the coarsest buckets that fit -- whole days as day
 rows, the hours at either end as hour rows -- so a query reads one row per device per
-day instead of one per hour.
+day instead of one per hour. Integer sums (counts, windows) may also be read by
+:func:`count_plan`: a day mostly inside the range as its day row *minus* the hours
+outside it, so a rolling 24 h that does not start at midnight reads about three rows
+per device, not 24.
 
 What always holds: pure functions of their arguments and ``now`` (no clock read
 here); every datetime returned is aware UTC; a plan's segments are disjoint, sorted,
@@ -23,10 +26,12 @@ from server.drift.errors import TimeRangeError
 
 __all__ = [
     "MAX_RANGE",
+    "CountPlan",
     "Period",
     "Plan",
     "Segment",
     "ceil_to",
+    "count_plan",
     "floor_to",
     "parse_instant",
     "plan",
@@ -193,3 +198,65 @@ def _merge(spans: list[tuple[datetime, datetime]]) -> list[tuple[datetime, datet
         else:
             merged.append((start, end))
     return merged
+
+
+@dataclass(frozen=True, slots=True)
+class CountPlan:
+    """Rows whose integer sums, ``plus`` minus ``minus``, are the sums over a plan's range.
+
+    Only for what adds up exactly and can be taken away again (counts, windows): not
+    moments, whose min and max do not subtract.
+    """
+
+    plus: tuple[Segment, ...]
+    minus: tuple[Segment, ...]
+
+
+def count_plan(covered: Plan, *, hour_deleted_before: datetime | None = None) -> CountPlan:
+    """``covered``'s range, reading a day of which more than half the hours are inside
+    it as the day's row minus the hour rows of the rest of the day.
+
+    Only days whose hour rows are all kept (none before ``hour_deleted_before``) are
+    read that way; a day row is the exact sum of its hour rows, both being written in
+    one transaction, so reading both in one statement gives the plan's sums exactly.
+    """
+    plus: list[Segment] = []
+    minus: list[Segment] = []
+    by_day: dict[datetime, list[Segment]] = {}
+    for segment in covered.segments:
+        if segment.period is Period.DAY:
+            plus.append(segment)
+            continue
+        start = segment.start
+        while start < segment.end:  # split hour runs at midnight
+            day = floor_to(start, Period.DAY)
+            stop = min(segment.end, day + Period.DAY.length)
+            by_day.setdefault(day, []).append(Segment(Period.HOUR, start, stop))
+            start = stop
+    hour = Period.HOUR.length
+    for day, parts in sorted(by_day.items()):
+        inside = sum((s.end - s.start) // hour for s in parts)
+        outside = 24 - inside
+        kept = hour_deleted_before is None or hour_deleted_before <= day
+        if kept and outside + 1 < inside:
+            plus.append(Segment(Period.DAY, day, day + Period.DAY.length))
+            cursor = day
+            for part in sorted(parts, key=lambda s: s.start):
+                if cursor < part.start:
+                    minus.append(Segment(Period.HOUR, cursor, part.start))
+                cursor = part.end
+            if cursor < day + Period.DAY.length:
+                minus.append(Segment(Period.HOUR, cursor, day + Period.DAY.length))
+        else:
+            plus.extend(parts)
+    days = [s for s in plus if s.period is Period.DAY]
+    hours = [
+        Segment(Period.HOUR, a, b)
+        for a, b in _merge([(s.start, s.end) for s in plus if s.period is Period.HOUR])
+    ]
+    return CountPlan(
+        plus=tuple(sorted(days + hours, key=lambda s: (s.start, s.period))),
+        minus=tuple(
+            Segment(Period.HOUR, a, b) for a, b in _merge([(s.start, s.end) for s in minus])
+        ),
+    )

@@ -3,7 +3,10 @@
 :class:`TelemetryIngestor` subscribes to ``ef/v1/dev/+/telemetry`` -- through a shared
 subscription (``$share/<group>/…``) when several ingestors run, so reports spread over
 processes. paho's network thread only appends to a queue; a writer thread validates
-and stores them in batches.
+and stores them in batches. What needs no database -- parsing, the rows, the drift
+sketches flattened into their layouts (:func:`prepare_reports`) -- is done before the
+batch's transaction, so on SQLite (one writer at a time, a write lock between
+workers) the workers do it in parallel.
 
 What always holds:
 
@@ -38,7 +41,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -50,7 +53,14 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session
 
 from server.db import utcnow
-from server.drift.rollups import WindowInput, add_windows, retention_marks
+from server.drift.layout import Layout
+from server.drift.rollups import (
+    FlatWindow,
+    WindowInput,
+    add_windows,
+    flatten_windows,
+    retention_marks,
+)
 from server.fleet.models import Device, DeviceStatus
 from server.ingest.models import IngestDrop, ModelWindowRecord, TelemetryRecord
 from shared.errors import ContractError, PayloadTooLargeError
@@ -60,7 +70,15 @@ from shared.topics import Channel, fleet_filter, parse_topic
 if TYPE_CHECKING:
     from server.ingest.consumers import ChannelConsumer, DeviceMessage
 
-__all__ = ["IngestRejected", "IngestStats", "TelemetryIngestor", "parse_report", "store_reports"]
+__all__ = [
+    "IngestRejected",
+    "IngestStats",
+    "PreparedReports",
+    "TelemetryIngestor",
+    "parse_report",
+    "prepare_reports",
+    "store_reports",
+]
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +124,72 @@ def _insert(session: Session, table: Any, rows: list[dict[str, Any]], keys: list
     session.execute(statement, rows)
 
 
-def store_reports(session: Session, reports: Iterable[TelemetryReport]) -> int:
+@dataclass(frozen=True, slots=True)
+class PreparedReports:
+    """A batch of reports turned into rows ahead of its transaction (no database needed):
+    per ``(device_id, seq)``, the report, its ``model_windows`` rows and its model
+    windows flattened for the rollups (:func:`server.drift.rollups.flatten_windows`)."""
+
+    reports: dict[tuple[str, int], TelemetryReport]
+    window_rows: dict[tuple[str, int], list[dict[str, Any]]]
+    windows: dict[tuple[str, int], list[WindowInput | FlatWindow]]
+
+
+def prepare_reports(
+    reports: Iterable[TelemetryReport], *, layouts: Mapping[str, Layout] | None = None
+) -> PreparedReports:
+    """The CPU part of storing ``reports``: done before the transaction, so ingestion
+    workers do it in parallel even where the database takes one writer at a time.
+
+    ``layouts`` are drift layouts known to be recorded; sketches of other references
+    are flattened in the transaction, once their layout is recorded.
+    """
+    batch = {(r.device_id, r.seq): r for r in reports}  # a duplicate within the batch, too
+    known = layouts or {}
+    window_rows: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    windows: dict[tuple[str, int], list[WindowInput | FlatWindow]] = {}
+    for key, r in batch.items():
+        window_rows[key] = [
+            {
+                "device_id": r.device_id,
+                "seq": r.seq,
+                "model_name": m.model_name,
+                "model_version": m.model_version,
+                "target": m.target,
+                "window_start": r.window_start,
+                "window_end": r.window_end,
+                "inferences": m.inferences,
+                "errors": m.errors,
+                "latency_json": m.latency_ms.model_dump_json(),
+                "drift_json": None if m.drift is None else m.drift.model_dump_json(),
+            }
+            for m in r.models
+        ]
+        windows[key] = flatten_windows(
+            (
+                WindowInput(
+                    device_id=r.device_id,
+                    model_name=m.model_name,
+                    model_version=m.model_version,
+                    window_start=r.window_start,
+                    inferences=m.inferences,
+                    errors=m.errors,
+                    latency=m.latency_ms.counts,
+                    sketch=m.drift,
+                )
+                for m in r.models
+            ),
+            known,
+        )
+    return PreparedReports(reports=batch, window_rows=window_rows, windows=windows)
+
+
+def store_reports(
+    session: Session,
+    reports: Iterable[TelemetryReport] | PreparedReports,
+    *,
+    layouts: dict[str, Layout] | None = None,
+) -> int:
     """Insert reports not stored yet (in the caller's transaction); return how many were new.
 
     Which reports are new is what the insert itself reports (``RETURNING`` the rows it
@@ -115,8 +198,17 @@ def store_reports(session: Session, reports: Iterable[TelemetryReport]) -> int:
     the raw-retention mark is refused as ``expired`` (and its row taken out again): its
     copy may have been counted and deleted already. The marks are read after the insert,
     under a share lock, so a purge running meanwhile is either seen or waits.
+
+    ``reports`` may come prepared (:func:`prepare_reports`). ``layouts`` is the caller's
+    cache of recorded drift layouts; this adds the ones it reads or records, which are
+    only recorded for sure once the transaction commits.
     """
-    batch = {(r.device_id, r.seq): r for r in reports}  # a duplicate within the batch, too
+    prepared = (
+        reports
+        if isinstance(reports, PreparedReports)
+        else prepare_reports(reports, layouts=layouts)
+    )
+    batch = prepared.reports
     if not batch:
         return 0
     table = TelemetryRecord.__table__  # type: ignore[attr-defined]
@@ -142,71 +234,40 @@ def store_reports(session: Session, reports: Iterable[TelemetryReport]) -> int:
         for r in batch.values()
     ]
     inserted = {(device_id, seq) for device_id, seq in session.execute(statement, rows)}
-    new = [r for key, r in batch.items() if key in inserted]
+    new = [key for key in batch if key in inserted]
     marks = retention_marks(session, lock=True)
     raw_mark = marks.get("raw")
-    expired = [] if raw_mark is None else [r for r in new if r.window_end < raw_mark]
+    expired = [] if raw_mark is None else [k for k in new if batch[k].window_end < raw_mark]
     if expired:
-        session.execute(
-            delete(table).where(
-                tuple_(table.c.device_id, table.c.seq).in_([(r.device_id, r.seq) for r in expired])
-            )
-        )
+        session.execute(delete(table).where(tuple_(table.c.device_id, table.c.seq).in_(expired)))
         assert raw_mark is not None
         record_drops(
             session,
             [
                 IngestRejected(
                     "expired",
-                    r.device_id,
-                    f"report {r.seq} ended at {r.window_end.isoformat()}, before the "
-                    f"retention mark {raw_mark.isoformat()}",
+                    batch[key].device_id,
+                    f"report {batch[key].seq} ended at {batch[key].window_end.isoformat()}, "
+                    f"before the retention mark {raw_mark.isoformat()}",
                 )
-                for r in expired
+                for key in expired
             ],
             at=received,
         )
         log.warning("expired telemetry refused", extra={"reports": len(expired)})
-        new = [r for r in new if r.window_end >= raw_mark]
+        gone = set(expired)
+        new = [key for key in new if key not in gone]
     _insert(
         session,
         ModelWindowRecord.__table__,  # type: ignore[attr-defined]
-        [
-            {
-                "device_id": r.device_id,
-                "seq": r.seq,
-                "model_name": m.model_name,
-                "model_version": m.model_version,
-                "target": m.target,
-                "window_start": r.window_start,
-                "window_end": r.window_end,
-                "inferences": m.inferences,
-                "errors": m.errors,
-                "latency_json": m.latency_ms.model_dump_json(),
-                "drift_json": None if m.drift is None else m.drift.model_dump_json(),
-            }
-            for r in new
-            for m in r.models
-        ],
+        [row for key in new for row in prepared.window_rows[key]],
         ["device_id", "seq", "model_name"],
     )
     rolled = add_windows(
         session,
-        [
-            WindowInput(
-                device_id=r.device_id,
-                model_name=m.model_name,
-                model_version=m.model_version,
-                window_start=r.window_start,
-                inferences=m.inferences,
-                errors=m.errors,
-                latency=m.latency_ms.counts,
-                sketch=m.drift,
-            )
-            for r in new
-            for m in r.models
-        ],
+        [window for key in new for window in prepared.windows[key]],
         marks=marks,
+        layouts=layouts,
     )
     if rolled.refused_sketches:  # the report counts; its drift sketch did not fit
         record_drops(
@@ -215,6 +276,16 @@ def store_reports(session: Session, reports: Iterable[TelemetryReport]) -> int:
             at=received,
         )
     return len(new)
+
+
+def _only(prepared: PreparedReports, devices: set[str]) -> PreparedReports:
+    """The reports of ``devices`` out of a prepared batch."""
+    keys = [key for key in prepared.reports if key[0] in devices]
+    return PreparedReports(
+        reports={key: prepared.reports[key] for key in keys},
+        window_rows={key: prepared.window_rows[key] for key in keys},
+        windows={key: prepared.windows[key] for key in keys},
+    )
 
 
 def record_drops(session: Session, drops: Iterable[IngestRejected], *, at: datetime) -> None:
@@ -288,6 +359,8 @@ class TelemetryIngestor:
         self._writer: threading.Thread | None = None
         self._stats = IngestStats()
         self._lock = threading.Lock()
+        self._layouts: dict[str, Layout] = {}
+        """Drift layouts recorded in this database (one never changes once recorded)."""
         if client_factory is not None:
             self._client = client_factory()
         else:
@@ -407,6 +480,9 @@ class TelemetryIngestor:
             except IngestRejected as e:
                 drops.append(e)
         stored = duplicates = 0
+        # Rows and flattened sketches are made before the write lock: on SQLite the
+        # workers' transactions run one at a time, their preparation need not.
+        prepared = prepare_reports(reports, layouts=self._layouts)
         with self._write_lock(), Session(self.engine) as session:
             known = accepted_devices(
                 session,
@@ -422,8 +498,11 @@ class TelemetryIngestor:
                             f"{report.device_id!r} is not an accepted device of this fleet",
                         )
                     )
-            reports = [r for r in reports if r.device_id in known]
-            stored = store_reports(session, reports)
+            if any(r.device_id not in known for r in reports):
+                reports = [r for r in reports if r.device_id in known]
+                prepared = _only(prepared, known)
+            layouts = dict(self._layouts)  # kept only once the layouts it adds are committed
+            stored = store_reports(session, prepared, layouts=layouts)
             duplicates = len(reports) - stored
             now = utcnow()
             for channel, messages in others.items():
@@ -445,6 +524,7 @@ class TelemetryIngestor:
             if drops:
                 record_drops(session, drops, at=utcnow())
             session.commit()
+        self._layouts = layouts
         for drop in drops:
             log.warning(
                 "telemetry dropped",

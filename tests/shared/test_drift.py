@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -28,7 +29,9 @@ from shared.drift import (
     psi,
     quantile_edges,
 )
-from shared.errors import DriftError
+from shared.errors import DriftError, MessageError
+from shared.latency import N_LATENCY_BUCKETS
+from shared.messages import TelemetryReport
 
 RNG = np.random.default_rng(42)
 TRAIN = RNG.normal(size=(2000, 4)) * [1, 2, 0.5, 10] + [0, 5, -1, 100]
@@ -288,3 +291,37 @@ def test_reference_id_is_carried_and_checked() -> None:
         DriftReference.model_validate(data)
     del data["reference_id"]
     assert DriftReference.model_validate(data).reference_id != REFERENCE.reference_id
+
+
+@pytest.mark.parametrize("where", [0, 5, -1])
+def test_a_negative_count_anywhere_in_a_sketch_is_refused_by_name(where: int) -> None:
+    """The checks run in C (``min``) but still see every count, the last one too."""
+    accumulator = DriftAccumulator(REFERENCE)
+    accumulator.update(TRAIN[:50], probabilities=PROBS[:50])
+    sketch = accumulator.sketch().model_dump(mode="json")
+    report = {
+        "schema": "ef.telemetry",
+        "schema_version": 1,
+        "device_id": "dev-1",
+        "seq": 1,
+        "window_start": "2026-11-29T12:00:00Z",
+        "window_end": "2026-11-29T12:01:00Z",
+        "models": [
+            {
+                "model_name": "m",
+                "model_version": 1,
+                "target": "edge",
+                "latency_ms": {"counts": [0] * N_LATENCY_BUCKETS},
+                "drift": sketch,
+            }
+        ],
+    }
+    TelemetryReport.from_dict(report)  # as counted: accepted
+    bad_feature = json.loads(json.dumps(report))
+    bad_feature["models"][0]["drift"]["features"][2]["counts"][where] = -1
+    with pytest.raises(MessageError, match=r"features\.2\.counts: .*counts must not be negative"):
+        TelemetryReport.from_dict(bad_feature)
+    bad_latency = json.loads(json.dumps(report))
+    bad_latency["models"][0]["latency_ms"]["counts"][where] = -3
+    with pytest.raises(MessageError, match="latency counts must not be negative"):
+        TelemetryReport.from_dict(bad_latency)

@@ -130,6 +130,11 @@ def test_merged_rollups_equal_the_pooled_sketches_across_boundaries(engine: Engi
         (T0, T0 + timedelta(days=1)),  # one day row per device
         (T0 + timedelta(hours=3), T0 + timedelta(hours=5)),  # hours only
         (T0 + timedelta(hours=23), T0 + timedelta(hours=25)),  # over midnight
+        # rolling 24 h: device counts are Monday's day row minus its first hour, plus
+        # Tuesday 00:00 (count_plan); the rest as in every other range
+        (T0 + timedelta(hours=1), T0 + timedelta(hours=25)),
+        (T0 - timedelta(hours=2), T0 + timedelta(hours=22)),  # Monday minus its last 2 h
+        (T0 + timedelta(hours=12), T0 + timedelta(hours=36)),  # half and half: all hours
     ):
         inside = {
             key: sketch for key, (start, sketch) in sketches.items() if since <= start < until
@@ -154,6 +159,25 @@ def test_merged_rollups_equal_the_pooled_sketches_across_boundaries(engine: Engi
     day = query(engine, T0, T0 + timedelta(days=1))
     assert day.rows_read == {"fleet_day": 1, "day": 5}
     assert day.top_devices[0].device_id == "dev-4" and day.top_devices[0].feature == "f2"
+
+
+def test_a_device_whose_windows_all_fall_in_the_hours_taken_off_its_day_is_not_counted(
+    engine: Engine,
+) -> None:
+    rng = np.random.default_rng(5)
+    early = sketch_of(REFERENCE, rng, 300, {"f1": 2.0})
+    later = sketch_of(REFERENCE, rng, 300)
+    reports = [
+        report("early", 0, T0 + timedelta(minutes=10), early),  # Monday 00:10
+        report("later", 0, T0 + timedelta(hours=5), later),
+        report("later", 1, T0 + timedelta(hours=24, minutes=30), later),  # Tuesday 00:30
+    ]
+    assert store(engine, [reports]) == 3
+    result = query(engine, T0 + timedelta(hours=1), T0 + timedelta(hours=25))
+    assert result.rows_read == {"fleet_hour": 2, "day": 2, "hour": 2}  # Monday - 00:00 + Tue 00:00
+    assert result.devices.with_drift_data == 1
+    assert_devices(result, {"later": [later, later]})
+    assert_pooled(result, [later, later])
 
 
 def test_fleet_rows_are_the_sum_of_device_rows_and_days_of_hours(engine: Engine) -> None:

@@ -11,9 +11,11 @@ from hypothesis import strategies as st
 
 from server.drift.errors import TimeRangeError
 from server.drift.timerange import (
+    CountPlan,
     Period,
     Segment,
     ceil_to,
+    count_plan,
     floor_to,
     parse_instant,
     plan,
@@ -147,3 +149,54 @@ def test_plans_cover_their_range_once(
         assert (covered.since, covered.until) == (since, until)
     if covered.widened:
         assert covered.until <= ceil_to(until, D) and covered.since >= floor_to(since, D)
+
+
+def test_a_count_plan_reads_a_mostly_covered_day_as_its_row_minus_the_other_hours() -> None:
+    rolling = plan(at(28, 1), at(29, 1))
+    assert count_plan(rolling) == CountPlan(
+        plus=(Segment(D, at(28), at(29)), Segment(H, at(29), at(29, 1))),
+        minus=(Segment(H, at(28), at(28, 1)),),
+    )
+    # half a day each side: the hours are fewer rows than a day and its other half
+    assert count_plan(plan(at(28, 12), at(29, 12))) == CountPlan(
+        plus=(Segment(H, at(28, 12), at(29, 12)),), minus=()
+    )
+    # both ends of one day taken off
+    assert count_plan(plan(at(28, 2), at(28, 21))) == CountPlan(
+        plus=(Segment(D, at(28), at(29)),),
+        minus=(Segment(H, at(28), at(28, 2)), Segment(H, at(28, 21), at(29))),
+    )
+    # a day whose first hour was deleted is read hour by hour
+    assert count_plan(rolling, hour_deleted_before=at(28, 1)).minus == ()
+
+
+@given(
+    st.integers(0, 24 * 5 - 1),
+    st.integers(1, 24 * 5),
+    st.one_of(st.none(), st.integers(0, 24 * 6)),
+)
+def test_count_plans_cover_each_hour_exactly_once(
+    first: int, length: int, mark: int | None
+) -> None:
+    """Every hour of the plan's range is counted once net, every other hour zero times."""
+    since = at(25) + timedelta(hours=first)
+    until = since + timedelta(hours=length)
+    hour_mark = None if mark is None else at(25) + timedelta(hours=mark)
+    covered = plan(since, until, hour_deleted_before=hour_mark)
+    counted = count_plan(covered, hour_deleted_before=hour_mark)
+    net: dict[datetime, int] = {}
+    for sign, segments in ((1, counted.plus), (-1, counted.minus)):
+        for segment in segments:
+            moment = segment.start
+            while moment < segment.end:
+                net[moment] = net.get(moment, 0) + sign
+                moment += timedelta(hours=1)
+            assert segment.period is D or hour_mark is None or segment.start >= hour_mark
+    hours = {k for k, v in net.items() if v}
+    assert set(net.values()) <= {0, 1}
+    expected = set()
+    moment = covered.since
+    while moment < covered.until:
+        expected.add(moment)
+        moment += timedelta(hours=1)
+    assert hours == expected

@@ -145,3 +145,94 @@ def test_ingestor_over_the_broker_stores_once_and_counts_drops(
         ("dev-1", "wrong_device"): 1,
         ("dev-pending", "unknown_device"): 1,
     }
+
+
+@pytest.mark.broker
+def test_ingested_drift_sketches_roll_up_to_the_pooled_counts_batch_after_batch(
+    engine: Engine, mqtt_broker: object, mqtt_client: Callable[..., object]
+) -> None:
+    """Sketches are flattened before the transaction with the layouts the ingestor has
+    seen committed; the first batch records the layout, later ones reuse it. Whatever
+    the path, the rollups hold the pooled counts, and a misfit or a stranger is refused."""
+    import numpy as np
+
+    from server.drift.report import Thresholds
+    from server.drift.service import Scope, drift_report
+    from shared.drift import compare, merge_sketches
+    from tests.server.drift.conftest import make_reference, sketch_of
+    from tests.server.drift.conftest import report as drift_report_of
+
+    reference = make_reference()
+    rng = np.random.default_rng(11)
+    with Session(engine) as session:
+        for device_id in ("dev-1", "dev-2"):
+            add_device(session, device_id, DeviceStatus.ACCEPTED)
+        add_device(session, "dev-pending", DeviceStatus.PENDING)
+        session.commit()
+    ingestor = TelemetryIngestor(
+        engine,
+        host=mqtt_broker.host,  # type: ignore[attr-defined]
+        port=mqtt_broker.port,  # type: ignore[attr-defined]
+        client_id="test-ingest-drift",
+        flush_interval=0.05,
+    )
+    sketches = []
+    ingestor.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not ingestor.subscribed.is_set():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        device = mqtt_client("dev-1")
+        other = mqtt_client("dev-2")
+        sent = 0
+        for round_ in range(3):  # one batch at a time: the layout is known from round 2
+            for seq in range(round_ * 10, round_ * 10 + 10):
+                sketch = sketch_of(reference, rng, 50)
+                sketches.append(sketch)
+                client, device_id = (device, "dev-1") if seq % 2 else (other, "dev-2")
+                start = T0 + timedelta(minutes=seq)
+                client.publish(  # type: ignore[attr-defined]
+                    device_topic(device_id, Channel.TELEMETRY),
+                    drift_report_of(device_id, seq, start, sketch).to_bytes(),
+                )
+                sent += 1
+            if round_ == 2:
+                misfit = sketch_of(reference, rng, 50)
+                misfit = misfit.model_copy(update={"features": misfit.features[:3]})
+                device.publish(  # type: ignore[attr-defined]
+                    device_topic("dev-1", Channel.TELEMETRY),
+                    drift_report_of("dev-1", 99, T0, misfit).to_bytes(),
+                )
+                stranger = mqtt_client("dev-pending")
+                stranger.publish(  # type: ignore[attr-defined]
+                    device_topic("dev-pending", Channel.TELEMETRY),
+                    drift_report_of("dev-pending", 0, T0, sketch_of(reference, rng, 50)).to_bytes(),
+                )
+                sent += 2
+            deadline = time.monotonic() + 15
+            while ingestor.stats().received < sent:
+                assert time.monotonic() < deadline, ingestor.stats()
+                time.sleep(0.05)
+    finally:
+        ingestor.stop()
+    stats = ingestor.stats()
+    assert (stats.stored, stats.dropped, stats.errors) == (31, 1, 0)
+    with Session(engine) as session:
+        drops = {
+            (d.device_id, d.reason): d.count for d in session.execute(select(IngestDrop)).scalars()
+        }
+        result = drift_report(
+            session,
+            reference=reference,
+            model_name="sensor",
+            model_version=1,
+            scope=Scope(None, None),
+            since=T0,
+            until=T0 + timedelta(hours=1),
+            thresholds=Thresholds(min_samples=10),
+        )
+    assert drops == {("dev-1", "drift_layout"): 1, ("dev-pending", "unknown_device"): 1}
+    pooled = compare(reference, merge_sketches(sketches))
+    assert [(f.n, f.psi) for f in result.features] == [(d.n, d.psi) for d in pooled]
+    assert result.sla.windows == 31 and result.devices.with_drift_data == 2
