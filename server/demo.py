@@ -1520,7 +1520,9 @@ def _run(demo: _Demo, *, port: int) -> None:
         f"rolled out to {' and '.join(GROUPS)}; {verdicts}; alert #{alert['id']} opened; the "
         f"retraining policy trained v{candidate} on the labelled glare frames and rolled it out "
         f"to {DRIFTED_GROUP} ({on_version[DRIFTED_GROUP]} devices run v{candidate}; "
-        f"{' and '.join(steady)} stay on v{version}).\n"
+        f"{' and '.join(steady)} {'stays' if len(steady) == 1 else 'stay'} on v{version})."
+    )
+    demo.console.print(  # links and commands whole, to be copied, however wide the terminal
         f"  dashboard {url}/#token={demo.token}\n"
         f"           drift of v{version} on {DRIFTED_GROUP}: "
         f"{url}/drift?model={MODEL_NAME}&version={version}&group={DRIFTED_GROUP}&since=1h\n"
@@ -1531,7 +1533,9 @@ def _run(demo: _Demo, *, port: int) -> None:
         f"           edgefleet alerts list --server {url}\n"
         f"           edgefleet retraining decisions --server {url}\n"
         f"           edgefleet rollouts list --server {url}\n"
-        f"  state    {demo.data_dir}/ (summary in {SUMMARY_FILE}; agent logs in agents/*/agent.log)"
+        f"  state    {demo.data_dir}/ (summary in {SUMMARY_FILE}; "
+        "agent logs in agents/*/agent.log)",
+        soft_wrap=True,
     )
 
 

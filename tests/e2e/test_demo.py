@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -58,6 +59,9 @@ def test_demo_runs_the_loop_with_real_agents_and_exits(tmp_path: Path) -> None:
     out = result.stdout
     assert result.returncode == 0, out[-4000:] + result.stderr[-4000:]
     assert "done in" in out
+    # The dashboard link (with the dev admin token) and the drift view come whole, to copy.
+    assert re.search(r"dashboard http://127\.0\.0\.1:\d+/#token=ef_op_[\w-]+\n", out), out[-3000:]
+    assert re.search(r"http://\S+/drift\?model=digits-cnn&version=1&group=line-b&since=1h\n", out)
     assert not (data_dir / "left-by-the-last-run").exists()
     summary = summary_of(data_dir)
     assert summary["completed"] is True
