@@ -24,16 +24,13 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
-from sqlmodel import Session
 
 from server.api.deps import ArtifactsDep, KeysDep, NowDep, SessionDep
 from server.drift import service as drift_service
-from server.drift.errors import LayoutMismatchError
-from server.drift.layout import Layout
 from server.drift.reference import version_reference
 from server.drift.report import Level, Thresholds
 from server.drift.rollups import retention_marks
-from server.drift.storage import read_sums, stored_layout
+from server.drift.storage import read_sums
 from server.drift.timerange import plan, resolve_range
 from server.errors import InvalidInputError
 from server.fleet import devices as inventory
@@ -349,16 +346,6 @@ def _shares(counts: list[int]) -> list[float]:
     return [c / total if total else 0.0 for c in counts]
 
 
-def _layout(session: Session, reference_layout: Layout, reference_id: str) -> Layout | None:
-    stored = stored_layout(session, reference_id)
-    if stored is not None and not stored.covers_features_of(reference_layout):
-        raise LayoutMismatchError(
-            f"drift counts for reference {reference_id[:12]}... were stored with other "
-            "features than the model's reference has; they cannot be compared"
-        )
-    return stored
-
-
 @router.get(
     "/drift/histogram",
     response_model=Histogram,
@@ -397,8 +384,7 @@ def drift_histogram(
     covered = plan(
         start, end, hour_deleted_before=marks.get("hour"), day_deleted_before=marks.get("day")
     )
-    reference_layout = Layout.of_reference(reference)
-    layout = _layout(session, reference_layout, reference.reference_id)
+    layout = drift_service.comparable_layout(session, reference)
     live = [0] * len(feature_reference.counts)
     if layout is not None and (scope.device_ids is None or scope.device_ids):
         totals = read_sums(

@@ -57,6 +57,7 @@ __all__ = [
     "AUTO_HOURLY_SPAN",
     "MAX_DEVICES",
     "Scope",
+    "comparable_layout",
     "drift_report",
     "fleet_drift",
     "fleet_timeseries",
@@ -114,7 +115,9 @@ def resolve_version(
     )
 
 
-def _layout(session: Session, reference: DriftReference) -> Layout | None:
+def comparable_layout(session: Session, reference: DriftReference) -> Layout | None:
+    """The layout the reference's counts were stored with (None: nothing stored yet), or
+    :class:`LayoutMismatchError` when it does not cover the reference's features."""
     stored = stored_layout(session, reference.reference_id)
     if stored is not None and not stored.covers_features_of(Layout.of_reference(reference)):
         raise LayoutMismatchError(
@@ -141,7 +144,7 @@ def drift_report(
     covered = plan(
         since, until, hour_deleted_before=marks.get("hour"), day_deleted_before=marks.get("day")
     )
-    layout = _layout(session, reference)
+    layout = comparable_layout(session, reference)
 
     def read(fleet: bool, **options: Any) -> Totals:
         return read_sums(
@@ -296,7 +299,7 @@ def timeseries_report(
             day_deleted_before=marks.get("day"),
         )
         since, until, segments = covered.since, covered.until, covered.segments
-    layout = _layout(session, reference)
+    layout = comparable_layout(session, reference)
     totals = read_sums(
         session,
         fleet=scope.device_ids is None,
