@@ -105,6 +105,7 @@ from agent.store import (
     ProbationMarker,
     StoreError,
 )
+from agent.systemd import Notifier
 from agent.transport import MqttTransport
 from agent.updater import TrustStore, UpdatePlan, plan_update
 from shared.bundle import Bundle, check_target, read_bundle
@@ -305,6 +306,7 @@ class Agent:
         self._waiting: dict[str, Deployment] = {}  # staged, each waiting for its window
         self._wanted: frozenset[str] = frozenset()  # sha256s the accepted state still needs
         self.publisher: OutboxPublisher | None = None  # events may be put before it starts
+        self.systemd = Notifier()  # READY and the watchdog, when systemd runs the agent
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -369,8 +371,10 @@ class Agent:
         log.info(
             "agent started", extra={"device_id": config.device_id, "models": list(self.models)}
         )
+        self.systemd.ready(f"serving {', '.join(self.models) or 'no model yet'}")
 
     def stop(self) -> None:
+        self.systemd.stopping()
         self._stopping.set()
         for thread in self._threads:
             thread.join(10)
@@ -512,6 +516,7 @@ class Agent:
             if self._state_dirty.is_set() and connected:
                 self._state_dirty.clear()
                 self._publish_state()
+            self.systemd.keepalive()  # a loop that stops turning stops feeding the watchdog
 
     def _offer_desired(self, payload: bytes) -> None:
         """Latest wins: an older desired state still waiting is replaced."""
