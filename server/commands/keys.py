@@ -196,7 +196,7 @@ def _finish(
         typer.echo(f"  - {keyid}")
     typer.echo(
         f"  expires {info['expires_at']}, threshold {info['threshold']} of "
-        f"{len(info['online_keyids'])}"
+        f"{len(change.keyring.keys)}"
     )
     err.print(
         "A running server uses it within seconds and re-signs every device's desired state; "
@@ -271,6 +271,26 @@ def keys_init_root(
     )
 
 
+def _change_keyring(
+    root_key: Path,
+    keys_dir: Path | None,
+    expires_days: int,
+    db: str | None,
+    as_json: bool,
+    *,
+    what: str,
+    action: str,
+    step: Callable[[Path, Any, datetime, timedelta], KeyringChange],
+) -> None:
+    """The steps every keyring change shares: the keys folder, the offline root key checked
+    against its ``root.pub``, the change itself (``step(folder, root, now, lifetime)``),
+    then the audit row and the report."""
+    folder = keys_dir or _default_keys_dir()
+    root = _run(lambda: load_root_key(root_key, folder))
+    change = _run(lambda: step(folder, root, _now(), timedelta(days=expires_days)))
+    _finish(change, folder, db, as_json, what, action)
+
+
 @app.command("add-online")
 def keys_add_online(
     root_key: RootKeyOption,
@@ -281,18 +301,18 @@ def keys_add_online(
     as_json: JsonOption = False,
 ) -> None:
     """Create an online signing key and a root-signed keyring listing it beside the others."""
-    folder = keys_dir or _default_keys_dir()
-    root = _run(lambda: load_root_key(root_key, folder))
-    change = _run(
-        lambda: add_online_key(
-            folder,
-            root=root,
-            now=_now(),
-            lifetime=timedelta(days=expires_days),
-            threshold=threshold,
-        )
+    _change_keyring(
+        root_key,
+        keys_dir,
+        expires_days,
+        db,
+        as_json,
+        what="online key added",
+        action="key.add",
+        step=lambda folder, root, now, lifetime: add_online_key(
+            folder, root=root, now=now, lifetime=lifetime, threshold=threshold
+        ),
     )
-    _finish(change, folder, db, as_json, "online key added", "key.add")
 
 
 @app.command("rotate-online")
@@ -313,19 +333,18 @@ def keys_rotate_online(
     Devices follow at their next desired state; one that accepted a huge manifest version
     from the old key starts its version floor again from the new key (fast-forward recovery).
     """
-    folder = keys_dir or _default_keys_dir()
-    root = _run(lambda: load_root_key(root_key, folder))
-    change = _run(
-        lambda: rotate_online_key(
-            folder,
-            root=root,
-            now=_now(),
-            lifetime=timedelta(days=expires_days),
-            old_keyid=old,
-            threshold=threshold,
-        )
+    _change_keyring(
+        root_key,
+        keys_dir,
+        expires_days,
+        db,
+        as_json,
+        what="online key rotated",
+        action="key.rotate",
+        step=lambda folder, root, now, lifetime: rotate_online_key(
+            folder, root=root, now=now, lifetime=lifetime, old_keyid=old, threshold=threshold
+        ),
     )
-    _finish(change, folder, db, as_json, "online key rotated", "key.rotate")
 
 
 @app.command("revoke")
@@ -339,19 +358,18 @@ def keys_revoke(
     as_json: JsonOption = False,
 ) -> None:
     """A keyring without KEYID: once devices hold it, nothing that key signs is accepted."""
-    folder = keys_dir or _default_keys_dir()
-    root = _run(lambda: load_root_key(root_key, folder))
-    change = _run(
-        lambda: revoke_online_key(
-            folder,
-            keyid,
-            root=root,
-            now=_now(),
-            lifetime=timedelta(days=expires_days),
-            threshold=threshold,
-        )
+    _change_keyring(
+        root_key,
+        keys_dir,
+        expires_days,
+        db,
+        as_json,
+        what="online key revoked",
+        action="key.revoke",
+        step=lambda folder, root, now, lifetime: revoke_online_key(
+            folder, keyid, root=root, now=now, lifetime=lifetime, threshold=threshold
+        ),
     )
-    _finish(change, folder, db, as_json, "online key revoked", "key.revoke")
 
 
 @app.command("renew")
@@ -364,18 +382,18 @@ def keys_renew(
     as_json: JsonOption = False,
 ) -> None:
     """Re-sign the keyring with the same online keys and a new expiry (or threshold)."""
-    folder = keys_dir or _default_keys_dir()
-    root = _run(lambda: load_root_key(root_key, folder))
-    change = _run(
-        lambda: renew_keyring(
-            folder,
-            root=root,
-            now=_now(),
-            lifetime=timedelta(days=expires_days),
-            threshold=threshold,
-        )
+    _change_keyring(
+        root_key,
+        keys_dir,
+        expires_days,
+        db,
+        as_json,
+        what="keyring renewed",
+        action="key.renew",
+        step=lambda folder, root, now, lifetime: renew_keyring(
+            folder, root=root, now=now, lifetime=lifetime, threshold=threshold
+        ),
     )
-    _finish(change, folder, db, as_json, "keyring renewed", "key.renew")
 
 
 @app.command("list")
