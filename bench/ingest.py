@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -51,6 +50,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import brokers
 import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -77,34 +77,14 @@ GROUP = "bench"
 WORKERS = 2
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_mosquitto(
     work: Path, backlog: int, max_inflight: int
 ) -> tuple[subprocess.Popen[bytes], int]:
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not Path(binary).exists():
-        raise SystemExit("bench/ingest.py needs a mosquitto binary (apt install mosquitto)")
-    port = free_port()
-    conf = work / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+    return brokers.start_mosquitto(
+        work,
         f"max_inflight_messages {max_inflight}\nmax_queued_messages {backlog + 1000}\n"
-        "max_queued_bytes 0\nset_tcp_nodelay true\n"
+        "max_queued_bytes 0\nset_tcp_nodelay true\n",
     )
-    process = subprocess.Popen([binary, "-c", str(conf)], stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while True:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return process, port
-        if time.monotonic() > deadline:
-            raise SystemExit("mosquitto did not start")
-        time.sleep(0.05)
 
 
 # ----------------------------------------------------------------------------- the stream

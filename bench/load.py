@@ -55,6 +55,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import brokers
+from brokers import free_port, wait_port
 from results import BenchResults, add_results_argument
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -65,26 +67,6 @@ _WINDOW_END = re.compile(rb'"window_end":\s*"([^"]+)"')
 
 
 # ----------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float, what: str) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise SystemExit(f"{what} did not listen on port {port} within {timeout:.0f} s")
 
 
 def _stat(pid: int) -> list[str]:
@@ -135,19 +117,11 @@ def cpu_seconds(pids: list[int]) -> float:
 def start_mosquitto(work: Path) -> tuple[subprocess.Popen[bytes], int]:
     """A Mosquitto of our own, configured as docs/deploy/mosquitto.conf advises for
     ingestion (deep queues for the persistent ingestion sessions, no in-flight cap)."""
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not Path(binary).exists():
-        raise SystemExit("bench/load.py needs a mosquitto binary (apt install mosquitto)")
-    port = free_port()
-    conf = work / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+    return brokers.start_mosquitto(
+        work,
         "max_inflight_messages 0\nmax_queued_messages 1000000\nmax_queued_bytes 0\n"
-        "set_tcp_nodelay true\n"
+        "set_tcp_nodelay true\n",
     )
-    process = subprocess.Popen([binary, "-c", str(conf)], stderr=subprocess.DEVNULL)
-    wait_port(port, 10, "mosquitto")
-    return process, port
 
 
 def database(url: str | None, work: Path) -> tuple[str, Any]:

@@ -25,7 +25,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,28 +32,14 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import brokers
+from brokers import free_port, wait_port
 from results import BenchResults, add_results_argument
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 MODEL = "bench-mlp"
 PROFILE = "edge-x86_64-litert"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise SystemExit(f"{what} did not listen on port {port} within {timeout:.0f} s")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -64,19 +49,12 @@ def cpu_seconds(pid: int) -> float:
 
 
 def start_mosquitto(work: Path) -> tuple[subprocess.Popen[bytes] | None, str]:
-    binary = shutil.which("mosquitto") or (
-        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
-    )
-    if binary is None:
+    """A Mosquitto of our own, or the server's embedded broker where none is installed."""
+    if brokers.mosquitto_binary() is None:
         return None, "embedded"
-    port = free_port()
-    conf = work / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        "max_inflight_messages 64\nmax_queued_messages 10000\n"
+    process, port = brokers.start_mosquitto(
+        work, "max_inflight_messages 64\nmax_queued_messages 10000\n"
     )
-    process = subprocess.Popen([binary, "-c", str(conf)], stderr=subprocess.DEVNULL)
-    wait_port(port, 10, "mosquitto")
     return process, f"mqtt://127.0.0.1:{port}"
 
 

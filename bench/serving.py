@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from brokers import free_port
 from results import BenchResults, add_results_argument
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -168,12 +168,6 @@ def interleaved_p50s(
         for name, fn in candidates.items():
             per_round[name].append(p50(fn, repeats))
     return {name: statistics.median(values) for name, values in per_round.items()}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main() -> None:
