@@ -49,9 +49,13 @@ from shared.signing import Envelope, VerifyKey, key_id
 from shared.topics import check_device_id
 
 __all__ = [
+    "AGENT_WHEEL_MEDIA_TYPE",
     "MAX_OUTCOMES_PER_REPORT",
     "MAX_SAMPLE_FEATURES",
     "MAX_SAMPLE_ROWS",
+    "AgentDeployment",
+    "AgentUpdateResult",
+    "AgentVersion",
     "ArtifactRef",
     "BlockHeader",
     "BlockRequest",
@@ -90,6 +94,11 @@ Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
 ShortText = Annotated[str, StringConstraints(max_length=1024)]
 TimeOfDay = Annotated[str, StringConstraints(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")]
+AgentVersion = Annotated[
+    str, StringConstraints(pattern=r"^[0-9][0-9A-Za-z.+!_-]{0,63}$")
+]  # a PEP 440 version as a wheel names it ("0.2.0", "0.2.0rc1", "0.2.0+fix.1")
+
+AGENT_WHEEL_MEDIA_TYPE = "application/vnd.edgefleet.agent+wheel"
 
 # ----------------------------------------------------------------------------- trust documents
 
@@ -231,8 +240,41 @@ class Deployment(ContractModel):
         return data
 
 
+class AgentDeployment(ContractModel):
+    """The version of the agent itself the device must run.
+
+    The artifact is a pure-Python wheel of the ``edgefleet`` distribution
+    (``media_type`` :data:`AGENT_WHEEL_MEDIA_TYPE`), pinned by length and sha256 like a
+    model bundle. The device installs it beside the version it runs, switches to it
+    atomically, and goes back by itself if the new version has not reported healthy
+    within ``health_timeout_s``. With an ``install_window`` the switch waits for it.
+    """
+
+    kind: Literal["agent"] = "agent"
+    version: AgentVersion
+    artifact: ArtifactRef
+    health_timeout_s: int = Field(
+        300, ge=10, le=86_400, description="seconds the new version has to report healthy"
+    )
+    install_window: InstallWindow | None = Field(
+        None, description="fetch and install now, switch only inside this window; absent: at once"
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_window(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if isinstance(data, dict) and "install_window" in data and data["install_window"] is None:
+            del data["install_window"]
+        return data
+
+
 class DesiredState(Message):
-    """What one device should run. Signed by an online key; latest wins."""
+    """What one device should run. Signed by an online key; latest wins.
+
+    ``agent`` names the agent version to run; absent, the device keeps the one it has.
+    The field is left out of the payload when absent, so such payloads are byte for
+    byte what they were before it existed.
+    """
 
     SCHEMA: ClassVar[str] = "ef.desired-state"
     MAX_BYTES: ClassVar[int] = 32 * 1024
@@ -243,6 +285,14 @@ class DesiredState(Message):
     expires_at: AwareDatetime
     rollout_id: Name | None = None
     deployments: list[Deployment] = Field(default_factory=list, max_length=32)
+    agent: AgentDeployment | None = Field(None, description="the agent version to run")
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_agent(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if isinstance(data, dict) and "agent" in data and data["agent"] is None:
+            del data["agent"]
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> DesiredState:
@@ -302,6 +352,19 @@ class UpdateResult(ContractModel):
     at: AwareDatetime
 
 
+class AgentUpdateResult(ContractModel):
+    """How the device's latest agent update ended (``rolled_back`` names the reason)."""
+
+    manifest_version: int = Field(ge=0)
+    rollout_id: Name | None = None
+    version: AgentVersion = Field(description="the version the update installed")
+    previous_version: AgentVersion | None = None
+    outcome: UpdateOutcome
+    reason: str | None = Field(None, max_length=64)
+    detail: ShortText | None = None
+    at: AwareDatetime
+
+
 class DeviceState(Message):
     """What the device runs now (retained)."""
 
@@ -317,7 +380,17 @@ class DeviceState(Message):
     keyring_version: int = Field(0, ge=0)
     models: list[RunningModel] = Field(default_factory=list, max_length=32)
     last_update: UpdateResult | None = None
+    agent_update: AgentUpdateResult | None = Field(
+        None, description="how the latest agent update ended; absent before the first"
+    )
     reported_at: AwareDatetime
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_agent_update(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if isinstance(data, dict) and "agent_update" in data and data["agent_update"] is None:
+            del data["agent_update"]
+        return data
 
 
 class PresenceStatus(StrEnum):
@@ -368,6 +441,16 @@ class Event(Message):
     sha256: Sha256 | None = None
     reason: str | None = Field(None, max_length=64, description="a RejectReason or failure code")
     detail: ShortText | None = None
+    agent_version: AgentVersion | None = Field(
+        None, description="set on the events of an agent update: the version being installed"
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_agent_version(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if isinstance(data, dict) and "agent_version" in data and data["agent_version"] is None:
+            del data["agent_version"]
+        return data
 
 
 class LatencyHistogram(ContractModel):
