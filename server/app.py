@@ -56,7 +56,7 @@ from server.api.routes import (
     runs,
     samples,
 )
-from server.artifacts import ArtifactStore
+from server.artifacts import artifact_store
 from server.auth import install as install_operator_access
 from server.auth import routes as auth_routes
 from server.auth.deps import operator_access, require_admin
@@ -327,9 +327,7 @@ def create_app(
             app.state.keys = keys
             app.state.clock = now_of
             install_operator_access(app, settings)
-            app.state.artifacts = ArtifactStore(
-                settings.artifacts_dir, max_bytes=settings.max_artifact_bytes
-            )
+            app.state.artifacts = artifact_store(settings)  # the folder, or an S3 bucket
             app.state.transfer_limiter = delivery.TransferLimiter(settings.max_concurrent_transfers)
             app.state.artifact_authority = ManifestAuthority(engine)
             app.state.desired_publisher = None

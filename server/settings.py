@@ -10,6 +10,7 @@ given its own.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -24,6 +25,8 @@ DEV_SECRET = "edgefleet-dev-secret-do-not-use-in-production"  # noqa: S105 - ref
 DEV_BROKER_PASSWORD = "edgefleet-dev-broker-password"  # noqa: S105 - refused outside dev
 _MIN_BROKER_PASSWORD = 16
 _MIN_ADMIN_TOKEN = 32
+_STORE_FIELDS = ("artifacts_", "s3_", "max_artifact_bytes")
+_BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,61}[A-Za-z0-9]")
 
 
 class Settings(BaseSettings):
@@ -48,6 +51,51 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["console", "json"] = "console"
     max_artifact_bytes: int = Field(512 * 1024 * 1024, gt=0)
+    artifacts_url: str | None = Field(
+        None,
+        description="where artifacts live: unset = the folder <data_dir>/artifacts; "
+        "s3://bucket/prefix = an S3-compatible object store (needs the 's3' extra)",
+    )
+    artifacts_cache_dir: Path | None = Field(
+        None,
+        description="with an S3 store: the local read-through cache; default "
+        "<data_dir>/artifacts-cache",
+    )
+    artifacts_cache_bytes: int = Field(
+        4 * 1024**3,
+        gt=0,
+        description="with an S3 store: the cache's size bound (least recently used files go "
+        "first); at least max_artifact_bytes",
+    )
+    s3_endpoint_url: str | None = Field(
+        None,
+        description="the S3 API endpoint of a self-hosted store (MinIO, Ceph RGW, ...), "
+        "e.g. https://s3.example.internal:9000; unset = AWS S3 in s3_region",
+    )
+    s3_region: str | None = Field(
+        None, description="the bucket's region; unset = AWS_REGION / ~/.aws/config"
+    )
+    s3_access_key_id: str | None = Field(
+        None,
+        description="with s3_secret_access_key; both unset = the standard AWS credential "
+        "chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws, an instance or pod role)",
+    )
+    s3_secret_access_key: SecretStr | None = None
+    s3_addressing_style: Literal["auto", "path", "virtual"] = Field(
+        "auto", description="path for most self-hosted stores, virtual for AWS"
+    )
+    s3_verify_tls: bool = Field(
+        True, description="check the store's TLS certificate; refused off in prod mode"
+    )
+    s3_ca_bundle: Path | None = Field(
+        None, description="PEM file of the CA that signed a self-hosted store's certificate"
+    )
+    s3_multipart_chunk_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=5 * 1024 * 1024,
+        le=5 * 1024**3,
+        description="uploads larger than this go up in parts of this size (S3: 5 MiB to 5 GiB)",
+    )
     keyring_lifetime_days: int = Field(90, gt=0)
     drift_retention_days: dict[Literal["raw", "hour", "day"], int] = Field(
         default_factory=dict,
@@ -257,6 +305,26 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _artifact_store_consistent(self) -> Settings:
+        location = self.artifacts_s3_location  # raises on a malformed URL
+        if (self.s3_access_key_id is None) != (self.s3_secret_access_key is None):
+            raise ValueError(
+                "EDGEFLEET_S3_ACCESS_KEY_ID and EDGEFLEET_S3_SECRET_ACCESS_KEY go together: "
+                "set both, or neither to use the standard AWS credential chain"
+            )
+        if location is not None and self.artifacts_cache_bytes < self.max_artifact_bytes:
+            raise ValueError(
+                "EDGEFLEET_ARTIFACTS_CACHE_BYTES must be at least EDGEFLEET_MAX_ARTIFACT_BYTES: "
+                "the cache holds any artifact the server reads"
+            )
+        if location is not None and self.mode != "dev" and not self.s3_verify_tls:
+            raise ValueError(
+                "EDGEFLEET_S3_VERIFY_TLS=false is refused in prod mode; give the store's CA "
+                "in EDGEFLEET_S3_CA_BUNDLE, or EDGEFLEET_MODE=dev for development"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _webhook_backoff_in_order(self) -> Settings:
         if self.alert_webhook_backoff_min_seconds > self.alert_webhook_backoff_max_seconds:
             raise ValueError(
@@ -278,6 +346,47 @@ class Settings(BaseSettings):
     @property
     def artifacts_dir(self) -> Path:
         return self.data_dir / "artifacts"
+
+    @property
+    def artifacts_s3_location(self) -> tuple[str, str] | None:
+        """``(bucket, prefix)`` of an ``s3://`` artifacts URL; None for the folder."""
+        if self.artifacts_url is None or not self.artifacts_url.strip():
+            return None
+        parsed = urlsplit(self.artifacts_url.strip())
+        bucket = parsed.netloc
+        if parsed.scheme != "s3" or not _BUCKET.fullmatch(bucket):
+            raise ValueError(
+                f"EDGEFLEET_ARTIFACTS_URL must be s3://bucket or s3://bucket/prefix (a bucket "
+                f"name of 3-63 letters, digits, '.', '-', '_'), not {self.artifacts_url!r}; "
+                "leave it unset for the folder in the data dir"
+            )
+        if parsed.query or parsed.fragment or "//" in parsed.path.strip("/"):
+            raise ValueError(
+                f"EDGEFLEET_ARTIFACTS_URL {self.artifacts_url!r}: a prefix is a plain path "
+                "(no query, no fragment, no empty segment)"
+            )
+        return bucket, parsed.path.strip("/")
+
+    @property
+    def artifacts_cache_path(self) -> Path:
+        return self.artifacts_cache_dir or self.data_dir / "artifacts-cache"
+
+    def artifact_environment(self) -> dict[str, str]:
+        """The ``EDGEFLEET_*`` variables that give another process (the training worker)
+        this artifact store, whether these settings came from the environment or not."""
+        env: dict[str, str] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if not name.startswith(_STORE_FIELDS) or value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            elif isinstance(value, Path):
+                value = value.resolve()
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
+            env[f"EDGEFLEET_{name.upper()}"] = str(value)
+        return env
 
     @property
     def service_broker_url(self) -> str:

@@ -14,8 +14,9 @@ What always holds:
   never answers on a topic the payload chose.
 - Data is read from the content-addressed store and never past the file's end;
   every data frame carries the SHA-256 of its block.
-- Unknown artifact, not authorized, offset at or past the end, and a full work
-  queue each get one error block echoing ``request_id`` and ``sha256``. As the
+- Unknown artifact, not authorized, offset at or past the end, a full work queue,
+  an object store that cannot be reached ("busy, retry") and a damaged artifact
+  ("read failed") each get one error block echoing ``request_id`` and ``sha256``. As the
   protocol asks, ``offset`` and ``total_length`` of an error block are 0, except
   for "offset past the end", which echoes the offset and gives the real length.
   "not authorized" and "unknown artifact" are distinct only to an authorized
@@ -51,8 +52,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from server.artifacts import ArtifactStore
-from server.errors import ConfigurationError, NotFoundError
+from server.artifacts import ArtifactStore, ArtifactStoreUnavailableError
+from server.errors import ArtifactError, ConfigurationError, NotFoundError
 from shared.errors import ContractError
 from shared.messages import BlockHeader, BlockRequest, encode_block
 from shared.topics import Channel, device_topic, fleet_filter, parse_topic
@@ -87,7 +88,8 @@ REJECT_REASONS = (
     "not_authorized",  # answered with an error block
     "unknown_artifact",  # answered with an error block
     "offset_past_end",  # answered with an error block
-    "read_failed",  # the store file was shorter than it said: error block
+    "read_failed",  # the store file was shorter than it said, or damaged: error block
+    "store_unavailable",  # the object store could not be reached: answered "busy, retry"
     "publish_failed",  # the broker connection was lost while answering
 )
 
@@ -340,6 +342,17 @@ class BlockServer:
         except NotFoundError:
             self._reject("unknown_artifact")
             self._send_error(device_id, request, ERROR_UNKNOWN_ARTIFACT)
+            return
+        except ArtifactStoreUnavailableError:
+            # An object store that is down now may answer later: the device retries.
+            log.warning("block server: artifact store unavailable", exc_info=True)
+            self._reject("store_unavailable")
+            self._send_error(device_id, request, ERROR_BUSY)
+            return
+        except ArtifactError:
+            log.error("block server: artifact %s unreadable", request.sha256[:16], exc_info=True)
+            self._reject("read_failed")
+            self._send_error(device_id, request, ERROR_READ_FAILED)
             return
         with artifact:
             total_length = os.fstat(artifact.fileno()).st_size

@@ -410,6 +410,7 @@ def worker_environment(settings: Settings) -> dict[str, str]:
             "PYTHONUNBUFFERED": "1",
         }
     )
+    env.update(settings.artifact_environment())  # the same store: the folder or the bucket
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     return env
 

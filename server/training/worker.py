@@ -103,7 +103,7 @@ class PipelinePublisher:
     """
 
     def __init__(self, settings: Settings, *, now: datetime | None = None) -> None:
-        from server.artifacts import ArtifactStore
+        from server.artifacts import artifact_store
         from server.keys import load_fleet_keys
         from server.pipeline.publish import publish_model_version
         from server.profiles import load_profiles
@@ -111,7 +111,7 @@ class PipelinePublisher:
         self._publish = publish_model_version
         self._keys = load_fleet_keys(settings.keys_dir, now=now or datetime.now(UTC))
         self._profiles = load_profiles()
-        self.store = ArtifactStore(settings.artifacts_dir, max_bytes=settings.max_artifact_bytes)
+        self.store = artifact_store(settings)
 
     def __call__(
         self,
@@ -169,10 +169,10 @@ class PipelinePublisher:
 
 
 def _store_loader(settings: Settings) -> DatasetLoader:
-    from server.artifacts import ArtifactStore
+    from server.artifacts import artifact_store
     from server.datasets.service import load_dataset_version
 
-    store = ArtifactStore(settings.artifacts_dir, max_bytes=settings.max_artifact_bytes)
+    store = artifact_store(settings)
 
     def load(session: Session, dataset_version_id: int) -> LoadedDataset:
         return load_dataset_version(session, store=store, dataset_version_id=dataset_version_id)
