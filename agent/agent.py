@@ -49,6 +49,22 @@ power cut is not the model's fault), beyond it the update is given up -- rolled 
 if it was active, refused either way for the current manifest version -- so a model
 that crashes the process on load or on inference cannot trap the device in a loop.
 
+The agent's own updates (``agent.selfupdate``, ``agent.launcher``). A desired state's
+``agent`` field names a version; the same as the one running asks nothing. Otherwise the
+update thread, after the models, fetches the wheel by the same download paths as a
+bundle (length and sha256 checked while streaming), checks and installs it beside the
+running version and -- inside its install window, if it has one (``staged`` until then)
+-- records the switch and moves ``current``, then asks ``edgefleet-agent run`` to exit
+for the launcher (:attr:`Agent.restart_requested`). Only under the launcher: without it
+the update fails with ``self_update_unavailable``. A refused or failed wheel is a
+``rejected``/``failed`` event and ``DeviceState.agent_update`` says why; the version
+running goes on. The new version, started by the launcher, is on trial: once connected,
+its DeviceState (naming it) acknowledged and its models' self-tests passed, it commits --
+``activated`` and ``health_check_passed`` events, ``agent_update`` activated, older
+versions but the previous one removed. A version the launcher rolled back is reported
+by the one it went back to (``health_check_failed``, ``rolled_back``) and not installed
+again under the same manifest version.
+
 What always holds: the agent starts and serves the last good model with no broker
 and no network; nothing on the inference path touches the network; a refused
 desired state changes nothing on disk but a ``rejected`` event in the outbox; the
@@ -61,8 +77,10 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import logging
 import math
+import os
 import platform
 import queue
 import threading
@@ -98,6 +116,14 @@ from agent.runtime import (
     Prediction,
     available_runtimes,
 )
+from agent.selfupdate import (
+    LAUNCHED_ENV,
+    AgentHome,
+    Pending,
+    SelfUpdateError,
+    SelfUpdateState,
+    WheelRejected,
+)
 from agent.store import (
     BundleRef,
     ModelStore,
@@ -111,6 +137,9 @@ from agent.updater import TrustStore, UpdatePlan, plan_update
 from shared.bundle import Bundle, check_target, read_bundle
 from shared.errors import ContractError, RejectReason
 from shared.messages import (
+    AGENT_WHEEL_MEDIA_TYPE,
+    AgentDeployment,
+    AgentUpdateResult,
     ArtifactRef,
     Deployment,
     DeviceState,
@@ -133,6 +162,7 @@ log = logging.getLogger(__name__)
 HEALTH_CHECK_FAILED = "health_check_failed"
 """The reason of a rollback the health check decided (events and the last update)."""
 _PROBATION_POLL_SECONDS = 0.1  # how often the update thread looks at the injected clock
+_STATE_ACK_SECONDS = 5.0  # a version on trial publishes its state again if not acked by then
 
 
 class NoModelError(AgentError):
@@ -307,6 +337,16 @@ class Agent:
         self._wanted: frozenset[str] = frozenset()  # sha256s the accepted state still needs
         self.publisher: OutboxPublisher | None = None  # events may be put before it starts
         self.systemd = Notifier()  # READY and the watchdog, when systemd runs the agent
+        # The agent's own updates (agent.selfupdate): the launcher restarts the agent in
+        # the version ``current`` names once this is set.
+        self.restart_requested = threading.Event()
+        self.agent_update: AgentUpdateResult | None = None
+        self._self_state = SelfUpdateState()
+        self._agent_trial: Pending | None = None  # this process is a version on trial
+        self._agent_trial_blocked: str | None = None
+        self._agent_waiting: AgentDeployment | None = None  # installed, waits for its window
+        self._state_handle: Any = None  # the last DeviceState handed to the transport
+        self._state_published_at = 0.0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -332,6 +372,8 @@ class Agent:
             clock=self._clock,
             wall_clock=self._now,
         )
+        self.home = AgentHome(data_dir)
+        self._recover_self_update()
         self._recover_probations()  # before any model is loaded: it may be the one that crashes
         self._load_active_models()
         try:
@@ -474,6 +516,12 @@ class Agent:
             if self.last_update is None
             else self.last_update.model_dump(mode="json"),
             "probation": None if (probation := self._probation) is None else probation.snapshot(),
+            "agent_update": None
+            if self.agent_update is None
+            else self.agent_update.model_dump(mode="json"),
+            "agent_trial": None
+            if (trial := self._agent_trial) is None
+            else {"version": trial.version, "previous": trial.previous, "attempt": trial.attempts},
             "waiting": [
                 {
                     "model_name": name,
@@ -515,7 +563,10 @@ class Agent:
             connected = self.transport is not None and self.transport.connected.is_set()
             if self._state_dirty.is_set() and connected:
                 self._state_dirty.clear()
-                self._publish_state()
+                self._state_handle = self._publish_state()
+                self._state_published_at = self._clock()
+            if self._agent_trial is not None and connected:
+                self._commit_agent_update_when_healthy()
             self.systemd.keepalive()  # a loop that stops turning stops feeding the watchdog
 
     def _offer_desired(self, payload: bytes) -> None:
@@ -591,6 +642,10 @@ class Agent:
             sha256=None if deployment is None else deployment.artifact.sha256,
             **fields,
         )
+        self._put_event(event)
+
+    def _put_event(self, event: Event) -> None:
+        kind = event.kind
         try:
             self.outbox.put(device_topic(self.config.device_id, Channel.EVENTS), event.to_bytes())
         except AgentError as e:
@@ -601,7 +656,7 @@ class Agent:
         if self.publisher is not None:
             self.publisher.wake()
 
-    def _publish_state(self) -> None:
+    def _publish_state(self) -> Any:
         models = []
         for name, model in sorted(self.models.items()):
             ref = self.store.current(name)
@@ -636,9 +691,10 @@ class Agent:
             keyring_version=0 if self.trust.keyring is None else self.trust.keyring.version,
             models=models,
             last_update=self.last_update,
+            agent_update=self.agent_update,
             reported_at=self._now(),
         )
-        self.transport.publish(
+        return self.transport.publish(
             device_topic(self.config.device_id, Channel.STATE), state.to_bytes(), retain=True
         )
 
@@ -651,7 +707,7 @@ class Agent:
                 self._resume_probation(marker)
             except Exception:  # the update thread must survive anything
                 log.exception("resuming the health check of %s failed", marker.model_name)
-        while not self._stopping.is_set():
+        while not self._stopping.is_set() and not self.restart_requested.is_set():
             try:
                 payload: bytes | None = self._desired.get(timeout=0.5)
             except queue.Empty:
@@ -665,9 +721,14 @@ class Agent:
 
     def _window_opened(self) -> bytes | None:
         """The desired state to apply again because a staged deployment's window is open."""
-        if not self._waiting or self._last_desired is None:
+        if self._last_desired is None:
             return None
         now = self._now()
+        agent = self._agent_waiting
+        window = None if agent is None else agent.install_window
+        if agent is not None and window is not None and window.contains(now):
+            log.info("the install window %s of agent %s is open", window, agent.version)
+            return self._last_desired
         for deployment in self._waiting.values():
             window = deployment.install_window
             if window is not None and window.contains(now):
@@ -738,6 +799,7 @@ class Agent:
             self.store.clean_tmp(keep=self._wanted)
         if not plan.is_new and not pending:
             self._settle_waiting(payload, {}, before=before)
+            self._apply_agent(plan)
             return plan
         waiting: dict[str, Deployment] = {}
         for deployment in pending:
@@ -756,6 +818,7 @@ class Agent:
             self._finish(plan, UpdateOutcome.ACTIVATED, None, "nothing to fetch")
         self._settle_waiting(payload, waiting, before=before)
         self._state_dirty.set()
+        self._apply_agent(plan)
         return plan
 
     def _settle_waiting(
@@ -917,15 +980,19 @@ class Agent:
             (self.store.tmp_dir / name).unlink(missing_ok=True)
 
     def _download(self, deployment: Deployment) -> Path:
+        return self._download_artifact(deployment.artifact, self.store.tmp_dir)
+
+    def _download_artifact(self, artifact: ArtifactRef, dest: Path) -> Path:
+        """Fetch ``artifact`` into ``dest`` by the configured path (HTTP ranges or MQTT
+        blocks), verified against its signed length and sha256."""
         download = self.config.download
-        dest = self.store.tmp_dir
         if download.method == "http":
-            if not download.http_base_url or not deployment.artifact.url:
+            if not download.http_base_url or not artifact.url:
                 raise DownloadError("HTTP download configured, but no URL for the artifact")
             return http_download(
                 download.http_base_url,
-                deployment.artifact.url,
-                deployment.artifact,
+                artifact.url,
+                artifact,
                 dest,
                 opener=self._http_opener(),
                 limits=self.config.limits,
@@ -940,7 +1007,7 @@ class Agent:
             cancelled=self._stopping,  # stop() never waits out a block request's timeout
             sleep=self._stopping.wait,
         )
-        return downloader.download(deployment.artifact, dest)
+        return downloader.download(artifact, dest)
 
     def _http_opener(self) -> urllib.request.OpenerDirector:
         """An opener that shows the server this device's identity (HTTP Basic: the device
@@ -953,6 +1020,322 @@ class Agent:
             token = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
             opener.addheaders = [("Authorization", f"Basic {token}")]
         return opener
+
+    # ------------------------------------------------------------------ the agent's own updates
+
+    def _recover_self_update(self) -> None:
+        """At start: report a rollback the launcher made, and learn whether this process is
+        a new version on trial (it commits once healthy)."""
+        try:
+            state = self.home.read_state()
+            current = self.home.current()
+        except SelfUpdateError as e:
+            log.error("agent self-update: %s", e)
+            return
+        result = state.result
+        if result is not None and not state.result_reported:
+            if result.outcome == UpdateOutcome.ROLLED_BACK:
+                log.error(
+                    "agent %s was rolled back to %s (%s): %s",
+                    result.version,
+                    __version__,
+                    result.reason,
+                    result.detail,
+                )
+                for kind in (EventKind.HEALTH_CHECK_FAILED, EventKind.ROLLED_BACK):
+                    self._agent_event(
+                        kind,
+                        result.version,
+                        manifest_version=result.manifest_version,
+                        rollout_id=result.rollout_id,
+                        reason=result.reason,
+                        detail=result.detail,
+                    )
+            state = dataclasses.replace(state, result_reported=True)
+            self._write_self_state(state)
+        self._self_state = state
+        self.agent_update = state.result
+        pending = state.pending
+        if (
+            pending is not None
+            and pending.failed is None
+            and pending.version == __version__
+            and current == __version__
+            and os.environ.get(LAUNCHED_ENV)
+        ):
+            self._agent_trial = pending
+            log.warning(
+                "agent %s is on trial (start %d): it commits once connected, its state "
+                "published and its models self-tested",
+                __version__,
+                pending.attempts,
+            )
+
+    def _apply_agent(self, plan: UpdatePlan) -> None:
+        """The ``agent`` part of an accepted desired state: fetch, verify and install the
+        wheel beside the running version, then switch (inside the install window, if any)
+        and ask the launcher for a restart. A failure is reported; the old version runs on."""
+        wanted = plan.desired.agent
+        self._agent_waiting = None
+        if wanted is None or wanted.version == __version__ or self._agent_trial is not None:
+            return
+        sha256 = wanted.artifact.sha256
+        refused = self._self_state.refused
+        if sha256 in self._refused or (
+            refused is not None
+            and (refused.version, refused.sha256, refused.manifest_version)
+            == (wanted.version, sha256, self.trust.manifest_version)
+        ):
+            return  # refused, failed or rolled back under this manifest: not again
+        rollout_id = plan.desired.rollout_id
+        if not self.config.self_update.enabled or not os.environ.get(LAUNCHED_ENV):
+            why = (
+                "self_update.enabled is false"
+                if not self.config.self_update.enabled
+                else "the agent runs without its launcher (edgefleet-agent launch)"
+            )
+            self._refused.add(sha256)
+            self._agent_outcome(
+                wanted, rollout_id, UpdateOutcome.FAILED, "self_update_unavailable", why
+            )
+            return
+        limits = self.config.limits
+        try:
+            if wanted.artifact.media_type != AGENT_WHEEL_MEDIA_TYPE:
+                raise WheelRejected(
+                    RejectReason.MALFORMED,
+                    f"the artifact is {wanted.artifact.media_type!r}, not an agent wheel",
+                )
+            if wanted.artifact.length > limits.agent_wheel_max_bytes:
+                raise WheelRejected(
+                    RejectReason.MALFORMED,
+                    f"the wheel is {wanted.artifact.length} bytes, over "
+                    f"limits.agent_wheel_max_bytes ({limits.agent_wheel_max_bytes})",
+                )
+            if not self.home.installed(wanted.version, sha256):
+                self.home.ensure()
+                self._agent_event(EventKind.DOWNLOADING, wanted.version, sha256=sha256)
+                path = self._download_artifact(wanted.artifact, self.home.tmp_dir)
+                self._agent_event(EventKind.DOWNLOADED, wanted.version, sha256=sha256)
+                try:
+                    self.home.install(
+                        path,
+                        version=wanted.version,
+                        sha256=sha256,
+                        max_unpacked_bytes=limits.agent_wheel_max_unpacked_bytes,
+                        max_files=limits.agent_wheel_max_files,
+                    )
+                finally:
+                    path.unlink(missing_ok=True)
+            self._agent_event(
+                EventKind.VERIFIED,
+                wanted.version,
+                sha256=sha256,
+                detail=f"installed in {self.home.version_dir(wanted.version)}",
+            )
+        except (WheelRejected, ContractError) as e:
+            reason = str(getattr(e, "reason", RejectReason.MALFORMED))
+            self._discard_agent_download(sha256)
+            self._refused.add(sha256)
+            log.warning("agent %s refused (%s): %s", wanted.version, reason, e)
+            self._agent_outcome(wanted, rollout_id, UpdateOutcome.REJECTED, reason, str(e))
+            return
+        except DownloadCancelled as e:
+            log.info("download of agent %s paused: %s", wanted.version, e)
+            return
+        except (DownloadError, SelfUpdateError, OSError) as e:
+            reason = "download_failed" if isinstance(e, DownloadError) else "store_failed"
+            log.warning("agent %s not installed (%s): %s", wanted.version, reason, e)
+            self._retry_at = self._clock() + self.config.limits.backoff_max_seconds
+            self._agent_outcome(wanted, rollout_id, UpdateOutcome.FAILED, reason, str(e))
+            return
+        window = wanted.install_window
+        if window is not None and not window.contains(self._now()):
+            self._agent_waiting = wanted
+            done = self.agent_update
+            if done is None or (
+                done.outcome,
+                done.version,
+                done.manifest_version,
+            ) != (UpdateOutcome.STAGED, wanted.version, self.trust.manifest_version):
+                self._agent_outcome(
+                    wanted,
+                    rollout_id,
+                    UpdateOutcome.STAGED,
+                    None,
+                    f"agent {wanted.version} installed; switches in its install window "
+                    f"{window}, next opening {_next_opening(window, self._now())}",
+                )
+            return
+        self._switch_agent(wanted, rollout_id)
+
+    def _switch_agent(self, wanted: AgentDeployment, rollout_id: str | None) -> None:
+        try:
+            previous_target = self.home.current()
+            pending = Pending(
+                version=wanted.version,
+                previous=__version__,
+                previous_target=previous_target,
+                sha256=wanted.artifact.sha256,
+                health_timeout_s=wanted.health_timeout_s,
+                manifest_version=self.trust.manifest_version,
+                rollout_id=rollout_id,
+                switched_at=self._now().isoformat(),
+            )
+            self._self_state = self.home.begin_switch(pending, self._self_state)
+        except SelfUpdateError as e:
+            log.error("agent %s not switched to: %s", wanted.version, e)
+            self._retry_at = self._clock() + self.config.limits.backoff_max_seconds
+            self._agent_outcome(wanted, rollout_id, UpdateOutcome.FAILED, "store_failed", str(e))
+            return
+        log.warning(
+            "switched to agent %s (from %s); it has %d s to report healthy, or the launcher "
+            "goes back",
+            wanted.version,
+            __version__,
+            wanted.health_timeout_s,
+        )
+        self.restart_requested.set()  # `edgefleet-agent run` stops and exits for the launcher
+
+    def _commit_agent_update_when_healthy(self) -> None:
+        """A version on trial commits once connected (the caller checks), its DeviceState
+        naming this version was acknowledged, and its active models pass their self-tests."""
+        trial = self._agent_trial
+        handle = self._state_handle
+        if trial is None or self._agent_trial_blocked is not None:
+            return
+        if handle is None or not handle.acked or handle.refused:
+            if handle is not None and self._clock() - self._state_published_at > _STATE_ACK_SECONDS:
+                self._state_dirty.set()  # lost with a connection, or refused: publish again
+            return
+        for name, model in sorted(self.models.items()):
+            try:
+                model.run_self_tests()
+            except ModelRuntimeError as e:
+                self._agent_trial_blocked = f"{name} fails its self-tests under {__version__}: {e}"
+                log.error("agent %s does not commit: %s", __version__, self._agent_trial_blocked)
+                return
+        detail = (
+            f"agent {__version__} runs: connected, its state acknowledged, "
+            f"{len(self.models)} model(s) self-tested"
+        )
+        for kind in (EventKind.ACTIVATED, EventKind.HEALTH_CHECK_PASSED):
+            self._agent_event(
+                kind,
+                trial.version,
+                sha256=trial.sha256,
+                manifest_version=trial.manifest_version,
+                rollout_id=trial.rollout_id,
+                detail=detail,
+            )
+        result = AgentUpdateResult(
+            manifest_version=trial.manifest_version,
+            rollout_id=trial.rollout_id,
+            version=trial.version,
+            previous_version=trial.previous,
+            outcome=UpdateOutcome.ACTIVATED,
+            detail=detail,
+            at=self._now(),
+        )
+        state = SelfUpdateState(
+            pending=None,
+            previous_target=trial.previous_target,
+            result=result,
+            result_reported=True,
+        )
+        if not self._write_self_state(state):
+            return  # tried again at the next turn; the launcher's deadline bounds it
+        self._agent_trial = None
+        self.agent_update = result
+        self._state_dirty.set()
+        log.info("%s", detail)
+        if self._last_desired is not None:  # one that came during the trial waited for this
+            self._offer_desired(self._last_desired)
+        try:  # the version running and the one to go back to; older ones go
+            removed = self.home.garbage_collect(keep={trial.version, trial.previous_target})
+        except OSError as e:
+            log.warning("old agent versions not removed: %s", e)
+        else:
+            if removed:
+                log.info("removed old agent versions: %s", ", ".join(removed))
+
+    def _agent_outcome(
+        self,
+        wanted: AgentDeployment,
+        rollout_id: str | None,
+        outcome: UpdateOutcome,
+        reason: str | None,
+        detail: str,
+    ) -> None:
+        """An agent update ended here (refused, failed) or waits (staged): an event, the
+        result kept in ``state.json`` and published in the retained state."""
+        kind = {
+            UpdateOutcome.REJECTED: EventKind.REJECTED,
+            UpdateOutcome.FAILED: EventKind.FAILED,
+            UpdateOutcome.STAGED: EventKind.STAGED,
+        }[outcome]
+        self._agent_event(
+            kind,
+            wanted.version,
+            sha256=wanted.artifact.sha256,
+            rollout_id=rollout_id,
+            reason=reason,
+            detail=detail[:1000],
+        )
+        result = AgentUpdateResult(
+            manifest_version=self.trust.manifest_version,
+            rollout_id=rollout_id,
+            version=wanted.version,
+            previous_version=__version__,
+            outcome=outcome,
+            reason=reason,
+            detail=detail[:1000],
+            at=self._now(),
+        )
+        self.agent_update = result
+        self._write_self_state(dataclasses.replace(self._self_state, result=result))
+        self._state_dirty.set()
+
+    def _agent_event(
+        self,
+        kind: EventKind,
+        version: str,
+        *,
+        sha256: str | None = None,
+        manifest_version: int | None = None,
+        rollout_id: str | None = None,
+        reason: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        self._put_event(
+            Event(
+                device_id=self.config.device_id,
+                event_id=uuid.uuid4().hex,
+                kind=kind,
+                at=self._now(),
+                manifest_version=self.trust.manifest_version
+                if manifest_version is None
+                else manifest_version,
+                rollout_id=rollout_id,
+                agent_version=version,
+                sha256=sha256,
+                reason=reason,
+                detail=None if detail is None else detail[:1000],
+            )
+        )
+
+    def _write_self_state(self, state: SelfUpdateState) -> bool:
+        try:
+            self.home.write_state(state)
+        except SelfUpdateError as e:
+            log.error("agent self-update: %s", e)
+            return False
+        self._self_state = state
+        return True
+
+    def _discard_agent_download(self, sha256: str) -> None:
+        for name in (sha256, f"{sha256}.part", f"{sha256}.part.json"):
+            (self.home.tmp_dir / name).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ health check
 

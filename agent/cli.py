@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 
 from agent import __version__
-from agent.errors import ConfigError
+from agent.errors import AgentError, ConfigError
 from shared.bundle import read_bundle
 from shared.errors import ContractError
 from shared.signing import Envelope, VerifyKey
@@ -149,9 +149,78 @@ def run(config: ConfigOption) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     address = getattr(agent, "api_address", None)
-    err.print(f"agent {agent.config.device_id} running; local API {address}")
-    stop.wait()
+    err.print(f"agent {__version__} {agent.config.device_id} running; local API {address}")
+    while not stop.wait(0.2):
+        if agent.restart_requested.is_set():
+            break
     agent.stop()
+    if agent.restart_requested.is_set() and not stop.is_set():
+        from agent.selfupdate import RESTART_EXIT_CODE
+
+        raise typer.Exit(RESTART_EXIT_CODE)  # the launcher starts the version switched to
+
+
+@app.command()
+def launch(config: ConfigOption) -> None:
+    """Run the agent under its launcher: the version `current` names, as a child process,
+    rolled back by itself if a new version does not report healthy in time."""
+    from agent.config import load_config
+    from agent.launcher import Launcher
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+    )
+    cfg = _config_or_exit(config, load_config)
+    try:
+        code = Launcher(config, cfg).run()
+    except AgentError as e:  # another launcher runs; the data folder is unusable
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(1) from e
+    raise typer.Exit(code)
+
+
+@app.command()
+def versions(
+    config: ConfigOption, as_json: Annotated[bool, typer.Option("--json")] = False
+) -> None:
+    """The agent versions on this device: the one running, those installed, an update on
+    trial and how the last one ended (read from the data folder; no agent needed)."""
+    from agent.config import load_config
+    from agent.selfupdate import AgentHome, SelfUpdateError
+
+    cfg = _config_or_exit(config, load_config)
+    home = AgentHome(cfg.data_dir)
+    try:
+        state = home.read_state()
+        current = home.current()
+    except SelfUpdateError as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(1) from e
+    pending = state.pending
+    info = {
+        "base_version": __version__,
+        "current": current or __version__,
+        "current_is_base": current is None,
+        "installed": home.versions(),
+        "previous": state.previous_target,
+        "pending": None
+        if pending is None
+        else {
+            "version": pending.version,
+            "previous": pending.previous,
+            "attempts": pending.attempts,
+            "deadline": None
+            if pending.deadline is None
+            else datetime.fromtimestamp(pending.deadline, UTC).isoformat(),
+            "failed": pending.failed,
+        },
+        "last_update": None if state.result is None else state.result.model_dump(mode="json"),
+    }
+    if as_json:
+        sys.stdout.write(json.dumps(info) + "\n")
+        return
+    for key, value in info.items():
+        typer.echo(f"{key:16} {value}")
 
 
 @app.command()

@@ -20,6 +20,9 @@ Example (``edgefleet-agent run --config agent.toml``)::
     host = "127.0.0.1"
     port = 8761
 
+    [self_update]                            # the agent's own updates, under
+    max_starts = 3                           # `edgefleet-agent launch`
+
     [limits]                                 # every bound has a default; e.g.
     health_check_inferences = 20             # a new model is judged on its first 20
     health_check_max_seconds = 300           # ...or on what came within 5 minutes
@@ -42,7 +45,14 @@ from agent.errors import ConfigError
 from shared.signing import VerifyKey
 from shared.topics import check_device_id
 
-__all__ = ["AgentConfig", "BrokerConfig", "HttpConfig", "Limits", "load_config"]
+__all__ = [
+    "AgentConfig",
+    "BrokerConfig",
+    "HttpConfig",
+    "Limits",
+    "SelfUpdateConfig",
+    "load_config",
+]
 
 
 class _Section(BaseModel):
@@ -150,6 +160,13 @@ class Limits(_Section):
         description="longest wait for them; then what came is judged (nothing: it passes on "
         "its self-test replay)",
     )
+    agent_wheel_max_bytes: int = Field(
+        64 * 1024 * 1024, gt=0, description="largest agent wheel fetched (its signed length)"
+    )
+    agent_wheel_max_unpacked_bytes: int = Field(
+        256 * 1024 * 1024, gt=0, description="largest agent wheel once extracted"
+    )
+    agent_wheel_max_files: int = Field(20_000, gt=0, description="most files in an agent wheel")
     health_check_max_restarts: int = Field(
         2,
         ge=0,
@@ -164,6 +181,35 @@ class Limits(_Section):
         return self
 
 
+class SelfUpdateConfig(_Section):
+    """The agent's own updates (``agent.selfupdate``) and the launcher that runs it."""
+
+    enabled: bool = Field(
+        True, description="take agent versions from the desired state (under the launcher only)"
+    )
+    max_starts: int = Field(
+        3,
+        ge=1,
+        le=100,
+        description="launcher starts of a new version before it is given up if it never "
+        "reported healthy (kills and power cuts during its trial)",
+    )
+    keep_versions: int = Field(
+        2, ge=2, le=10, description="installed versions kept: the current one and earlier ones"
+    )
+    stop_grace_seconds: float = Field(
+        20.0, gt=0, le=600, description="how long the launcher waits for the agent to stop"
+    )
+    restart_backoff_min_seconds: float = Field(1.0, gt=0)
+    restart_backoff_max_seconds: float = Field(60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _backoff(self) -> SelfUpdateConfig:
+        if self.restart_backoff_max_seconds < self.restart_backoff_min_seconds:
+            raise ValueError("restart_backoff_max_seconds is below restart_backoff_min_seconds")
+        return self
+
+
 class AgentConfig(_Section):
     device_id: str
     profile: str = Field(min_length=1, max_length=64)
@@ -175,6 +221,7 @@ class AgentConfig(_Section):
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     capture: CaptureConfig = Field(default_factory=CaptureConfig)
     limits: Limits = Field(default_factory=Limits)
+    self_update: SelfUpdateConfig = Field(default_factory=SelfUpdateConfig)
     latency_sla_ms_p95: float | None = Field(None, gt=0, description="from the profile")
 
     @field_validator("device_id")

@@ -209,6 +209,6 @@ if [ "$USE_SYSTEMD" = 1 ]; then
     fi
 else
     say "installed. Run the agent with:"
-    say "  $VENV/bin/edgefleet-agent run --config $CONFIG"
+    say "  $VENV/bin/edgefleet-agent launch --config $CONFIG"
     [ "$CONFIGURE_ONLY" = 1 ] || say "  (systemd unit for it: $UNIT)"
 fi

@@ -157,7 +157,7 @@ def test_the_image_installs_offline_enrolls_and_takes_a_rollout(
     config_path.write_text(config.replace("[limits]\n", "[limits]\nhealth_check_max_seconds = 1\n"))
     log = (tmp_path / "agent.log").open("w")
     agent = subprocess.Popen(
-        [str(agent_bin), "run", "--config", str(config_path)],
+        [str(agent_bin), "launch", "--config", str(config_path)],
         stdout=log,
         stderr=subprocess.STDOUT,
         env={k: v for k, v in os.environ.items() if not k.startswith("PYTHON")},

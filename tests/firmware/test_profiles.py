@@ -75,7 +75,11 @@ def test_the_unit_is_hardened(profile: str) -> None:
     ]
     # A watchdog, fed by the agent's main loop (agent/systemd.py): a hung agent restarts.
     assert "WATCHDOG=1" in (SOURCE_ROOT / "agent" / "systemd.py").read_text()
-    assert {"Type=notify", "NotifyAccess=main", "WatchdogSec=30"} <= set(lines)
+    assert {"Type=notify", "NotifyAccess=all", "WatchdogSec=30"} <= set(lines)
+    # The launcher supervises the agent of the current version (agent updates roll back
+    # through it); the agent is its child, so notifications come from another pid.
+    (exec_start,) = [line for line in lines if line.startswith("ExecStart=")]
+    assert "edgefleet-agent launch --config" in exec_start
     # Only the GPU profile sees devices, and only the GPU's.
     if "gpu" in profile:
         assert "DevicePolicy=closed" in lines and "DeviceAllow=char-drm rw" in lines
@@ -156,7 +160,7 @@ def test_the_dockerfile_verifies_installs_offline_and_runs_unprivileged(profile:
     assert users == ["edgefleet"]
     assert "useradd --system --uid 10001" in final
     assert 'VOLUME ["/var/lib/edgefleet"]' in final
-    assert "--configure-only" in final and "edgefleet-agent run" in final
+    assert "--configure-only" in final and "edgefleet-agent launch" in final
 
 
 def test_requirements_follow_the_runtime() -> None:
