@@ -40,6 +40,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from server import __version__
 from server.api.deps import get_now
 from server.api.routes import (
+    agent_releases,
     alerts,
     datasets,
     delivery,
@@ -455,6 +456,7 @@ def create_app(
         samples.router,
         rollouts.router,
         rollouts.pins_router,
+        agent_releases.router,
         alerts.rules_router,
         alerts.router,
         retraining.router,

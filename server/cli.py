@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from server import __version__
+from server.commands import agent_releases as agent_releases_commands
 from server.commands import alerts as alerts_commands
 from server.commands import broker as broker_commands
 from server.commands import datasets as datasets_commands
@@ -49,6 +50,7 @@ app.add_typer(models_commands.app, name="models")
 app.add_typer(devices_commands.app, name="devices")
 app.add_typer(groups_commands.app, name="groups")
 app.add_typer(rollouts_commands.app, name="rollouts")
+app.add_typer(agent_releases_commands.app, name="agent-releases")
 devices_commands.app.command("pin")(rollouts_commands.pin)
 devices_commands.app.command("unpin")(rollouts_commands.unpin)
 app.add_typer(tokens_commands.app, name="tokens")

@@ -232,6 +232,7 @@ class TargetArtifact(SQLModel, table=True):
     )
 
 
+import server.agent_releases.models  # noqa: E402  (agent versions the fleet can roll out)
 import server.alerts.models  # noqa: E402  (alert rules, alerts, webhook deliveries)
 import server.auth.models  # noqa: E402  (operator tokens, audit log)
 import server.drift.models  # noqa: E402  (drift rollups, layouts, retention marks)

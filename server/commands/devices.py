@@ -134,6 +134,14 @@ def show(device_id: DeviceArg, server: ServerOption = None, as_json: JsonOption 
             f"{update['outcome']}{reason}, manifest {update['manifest_version']}, "
             f"{timestamp(update['at'])}"
         )
+    agent_update = d.get("agent_update")
+    if agent_update:
+        reason = f" ({agent_update['reason']})" if agent_update.get("reason") else ""
+        rows["agent update"] = (
+            f"{agent_update['outcome']}{reason}: "
+            f"{agent_update.get('previous_version') or '-'} -> {agent_update['version']}, "
+            f"manifest {agent_update['manifest_version']}, {timestamp(agent_update['at'])}"
+        )
     event = d["last_event"]
     if event is not None:
         rows["last event"] = f"{event['kind']} {timestamp(event['at'])}"

@@ -1,4 +1,5 @@
-"""``edgefleet rollouts``: ship a model version to a device group in phases, watch it, steer it.
+"""``edgefleet rollouts``: ship a model version -- or, with ``--agent-version``, a published
+agent release -- to a device group in phases, watch it, steer it.
 
 Also the pin commands that :mod:`server.cli` registers under ``edgefleet devices``
 (``pin`` / ``unpin``): a pin holds one device on one version, whatever rolls out.
@@ -67,10 +68,17 @@ def _status_text(status: str) -> str:
 # ----------------------------------------------------------------------------- rendering
 
 
+def _what(r: dict[str, Any]) -> str:
+    """What a rollout moves: ``pumps v3`` or ``agent 0.2.0``."""
+    if r.get("kind") == "agent":
+        return f"agent {r.get('agent_version')}"
+    return f"{r['model_name']} v{r['model_version']}"
+
+
 def _summary_line(r: dict[str, Any]) -> str:
     reason = f" ({r['status_reason']})" if r.get("status_reason") else ""
     return (
-        f"[bold]{r['id']}[/] {r['model_name']} v{r['model_version']} → group {r['group']} · "
+        f"[bold]{r['id']}[/] {_what(r)} → group {r['group']} · "
         f"{_status_text(r['status'])}{reason} · phase {r['phase']}/{r['phases']}"
     )
 
@@ -184,11 +192,19 @@ def _render(r: dict[str, Any], *, all_devices: bool = True) -> Group:
 
 @app.command("create")
 def create(
-    model: Annotated[str, typer.Option(help="Model name.")],
-    version: Annotated[
-        str, typer.Option(help="Version number, alias (e.g. production) or latest.")
-    ],
     group: Annotated[str, typer.Option(help="Device group (static or dynamic).")],
+    model: Annotated[str | None, typer.Option(help="Model name.")] = None,
+    version: Annotated[
+        str | None, typer.Option(help="Version number, alias (e.g. production) or latest.")
+    ] = None,
+    agent_version: Annotated[
+        str | None,
+        typer.Option(help="Roll out this published agent release instead of a model."),
+    ] = None,
+    health_timeout: Annotated[
+        str | None,
+        typer.Option(help="Agent rollouts: time the new agent has to report healthy, e.g. 5m."),
+    ] = None,
     phases: Annotated[
         str, typer.Option(help="Cumulative waves: percentages (5,25,100) or a count (3dev).")
     ] = "5,25,100",
@@ -211,18 +227,25 @@ def create(
     server: ServerOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Create a rollout; the server starts it at once (phase 1 is the canary)."""
+    """Create a rollout of a model version (--model, --version) or of an agent release
+    (--agent-version); the server starts it at once (phase 1 is the canary)."""
+    if agent_version is not None and (model is not None or version is not None):
+        fail("give --model and --version, or --agent-version, not both", code=2)
+    if agent_version is None and (model is None or version is None):
+        fail("give --model and --version (or --agent-version for an agent rollout)", code=2)
+    if health_timeout is not None and agent_version is None:
+        fail("--health-timeout is for agent rollouts (--agent-version)", code=2)
     if on_breach is not None and on_breach not in ("pause", "abort"):
         fail(f"--on-breach {on_breach!r}: use pause or abort", code=2)
     if rate is not None and rate < 1:
         fail("--rate must be at least 1 device per minute", code=2)
-    body: dict[str, Any] = {
-        "model": model,
-        "version": version,
-        "group": group,
-        "phases": phases,
-        "approval": approval,
-    }
+    body: dict[str, Any] = {"group": group, "phases": phases, "approval": approval}
+    if agent_version is not None:
+        body["agent_version"] = agent_version
+    else:
+        body.update(model=model, version=version)
+    if health_timeout is not None:
+        body["health_timeout_s"] = round(parse_duration(health_timeout, option="--health-timeout"))
     if wait is not None:
         body["wait_between_phases"] = parse_duration(wait, option="--wait")
     if timeout is not None:
@@ -257,6 +280,7 @@ def list_rollouts(
         ),
     ] = None,
     model: Annotated[str | None, typer.Option(help="Model name.")] = None,
+    kind: Annotated[str | None, typer.Option(help="model or agent.")] = None,
     group: Annotated[str | None, typer.Option(help="Device group.")] = None,
     active: Annotated[
         bool | None, typer.Option("--active/--finished", help="Only unfinished / finished ones.")
@@ -270,6 +294,7 @@ def list_rollouts(
         for k, v in {
             "status": status,
             "model": model,
+            "kind": kind,
             "group": group,
             "active": None if active is None else str(active).lower(),
         }.items()
@@ -283,7 +308,8 @@ def list_rollouts(
     table = Table()
     widest = max((len(r["id"]) for r in rollouts), default=7)
     table.add_column("rollout", no_wrap=True, min_width=widest)
-    table.add_column("model", no_wrap=True)
+    table.add_column("kind", no_wrap=True)
+    table.add_column("what", no_wrap=True)
     for column in ("group", "status", "phase", "devices", "updated"):
         table.add_column(column)
     for r in rollouts:
@@ -292,7 +318,8 @@ def list_rollouts(
         moving = counts.get("in_progress", 0) + counts.get("retry_pending", 0)
         table.add_row(
             r["id"],
-            f"{r['model_name']} v{r['model_version']}",
+            r.get("kind", "model"),
+            _what(r),
             r["group"],
             _status_text(r["status"]),
             f"{r['phase']}/{r['phases']}",

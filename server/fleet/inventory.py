@@ -184,6 +184,8 @@ def apply_state(
         if state.last_update is None
         else _json(state.last_update.model_dump(mode="json", by_alias=True))
     )
+    if state.agent_update is not None:  # absent: an agent that predates agent updates
+        device.agent_update_json = _json(state.agent_update.model_dump(mode="json"))
     device.state_reported_at = state.reported_at
     _seen(device, state.reported_at if retained else received_at, received_at)
 

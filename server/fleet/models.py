@@ -12,10 +12,10 @@ What always holds:
   username and the only key of its record.
 - Secrets are never stored: a token keeps the SHA-256 of its secret, a credential a
   salted PBKDF2-SHA512 hash (:mod:`server.fleet.auth`).
-- ``tags_json``, ``models_json``, ``runtimes_json``, ``last_update_json`` and
-  ``last_event_json`` hold JSON text (as every ``*_json`` column in this schema); read
-  them through the properties (``tags``, ``models``, ...), which never fail on an
-  empty value.
+- ``tags_json``, ``models_json``, ``runtimes_json``, ``last_update_json``,
+  ``agent_update_json`` and ``last_event_json`` hold JSON text (as every ``*_json``
+  column in this schema); read them through the properties (``tags``, ``models``,
+  ...), which never fail on an empty value.
 - A dynamic group's members are not stored anywhere: they are computed from its
   selector whenever they are asked for (:mod:`server.fleet.groups`).
 """
@@ -33,7 +33,7 @@ from sqlalchemy import Column, Text
 from sqlmodel import Field, SQLModel
 
 from server.db import UTCDateTime, utcnow
-from shared.messages import RunningModel, UpdateResult
+from shared.messages import AgentUpdateResult, RunningModel, UpdateResult
 
 __all__ = [
     "Device",
@@ -169,6 +169,11 @@ class Device(SQLModel, table=True):
     manifest_version: int = Field(default=0, ge=0)
     keyring_version: int = Field(default=0, ge=0)
     last_update_json: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    agent_update_json: str | None = Field(
+        default=None,
+        sa_column=Column(Text, nullable=True),
+        description="the AgentUpdateResult it reported last (migration 0010)",
+    )
     last_event_json: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     state_reported_at: datetime | None = Field(
         default=None, sa_column=Column(UTCDateTime, nullable=True)
@@ -212,6 +217,12 @@ class Device(SQLModel, table=True):
     @property
     def last_update(self) -> dict[str, Any] | None:
         update: dict[str, Any] | None = _loads(self.last_update_json, None)
+        return update
+
+    @property
+    def agent_update(self) -> dict[str, Any] | None:
+        """How its latest agent update ended (an ``AgentUpdateResult`` dict), if reported."""
+        update: dict[str, Any] | None = _loads(self.agent_update_json, None)
         return update
 
     @property
@@ -269,6 +280,9 @@ class DevicePublic(BaseModel):
     manifest_version: int
     keyring_version: int
     last_update: UpdateResult | None = PydanticField(description="result of its last update")
+    agent_update: AgentUpdateResult | None = PydanticField(
+        None, description="how its latest agent update ended (agent_version: what it runs now)"
+    )
     last_event: dict[str, Any] | None = PydanticField(description="its last update event")
     online: bool
     last_seen: datetime | None
@@ -298,6 +312,11 @@ class DevicePublic(BaseModel):
                 None
                 if device.last_update is None
                 else UpdateResult.model_validate(device.last_update)
+            ),
+            agent_update=(
+                None
+                if device.agent_update is None
+                else AgentUpdateResult.model_validate(device.agent_update)
             ),
             last_event=device.last_event,
             online=device.online,

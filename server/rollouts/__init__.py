@@ -1,4 +1,5 @@
-"""Staged rollouts: which devices get a model version when, and the signed desired state.
+"""Staged rollouts: which devices get a model version -- or an agent release -- when, and
+the signed desired state.
 
 The pure core (no I/O, no clock):
 

@@ -1,4 +1,5 @@
-"""The rollout state machine: which devices move to a model version, when, and what happens next.
+"""The rollout state machine: which devices move to a model version (or an agent release),
+when, and what happens next.
 
 This module does no I/O and reads no clock (like python-tuf's ``trusted_metadata_set``):
 :func:`step` and the operator commands (:func:`pause`, :func:`resume`, :func:`approve`,
@@ -50,6 +51,15 @@ What always holds:
   operator approved it. A breached gate pauses or aborts (``on_breach``).
 - :func:`abort` emits a :class:`RollBackDevice` for exactly the devices the rollout
   moved (targeted, not yet reverted, and on another version before), and nothing else.
+- Two kinds, one machine (:class:`RolloutKind`). A ``model`` rollout moves devices to
+  ``model_version`` of ``model_name``. An ``agent`` rollout moves them to the agent
+  release ``agent_version``: its ``model_name`` is :data:`AGENT_TARGET` and its
+  ``model_version`` the release's id (``agent_releases.id``), so versions are compared
+  as numbers exactly as for models -- a device's ``running_version`` is the id of the
+  release it runs (None: none, or one never published). A model rollout judges only
+  update events without ``agent_version``; an agent rollout only events without a model
+  and with its own ``agent_version`` (or none: a refused manifest), so an agent rollout
+  and a model rollout to the same devices never read each other's outcomes.
 """
 
 from __future__ import annotations
@@ -76,9 +86,10 @@ from pydantic import (
 
 from server.rollouts.errors import InvalidRolloutError, RolloutStateError
 from server.rollouts.gates import DeviceWindows, HealthReport, HealthThresholds, evaluate_gates
-from shared.messages import EventKind, InstallWindow, ModelWindow
+from shared.messages import AgentVersion, EventKind, InstallWindow, ModelWindow
 
 __all__ = [
+    "AGENT_TARGET",
     "RATE_WINDOW",
     "WAITING_FOR_WINDOW",
     "Action",
@@ -93,6 +104,7 @@ __all__ = [
     "RetryPolicy",
     "RevertDevice",
     "RollBackDevice",
+    "RolloutKind",
     "RolloutMember",
     "RolloutSpec",
     "RolloutState",
@@ -117,7 +129,11 @@ RATE_WINDOW = timedelta(minutes=1)
 WAITING_FOR_WINDOW = "waiting_for_window"
 """The ``reason`` of a device that staged its update and waits for its install window."""
 
+AGENT_TARGET = "@agent"
+"""The ``model_name`` of an agent rollout: no model can be named so (names start alphanumeric)."""
+
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 _SUCCESS = frozenset({EventKind.HEALTH_CHECK_PASSED})
 _FAILURE = frozenset(
@@ -137,6 +153,11 @@ class RolloutStatus(StrEnum):
     @property
     def is_final(self) -> bool:
         return self in (RolloutStatus.ABORTED, RolloutStatus.COMPLETED)
+
+
+class RolloutKind(StrEnum):
+    MODEL = "model"
+    AGENT = "agent"
 
 
 class DeviceOutcome(StrEnum):
@@ -218,8 +239,18 @@ class RolloutSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     rollout_id: Name
-    model_name: Name
-    model_version: int = Field(ge=1)
+    kind: RolloutKind = RolloutKind.MODEL
+    model_name: str = Field(
+        min_length=1, max_length=128, description=f"the model; {AGENT_TARGET} for an agent rollout"
+    )
+    model_version: int = Field(ge=1, description="the model version; an agent release's id")
+    agent_version: AgentVersion | None = Field(None, description="agent rollouts: the version")
+    health_timeout_s: int | None = Field(
+        None,
+        ge=10,
+        le=86_400,
+        description="agent rollouts: seconds the new agent has to report healthy",
+    )
     group: str = Field(min_length=1, max_length=128)
     phases: tuple[Phase, ...] = Field(
         (Phase(percent=5), Phase(percent=25), Phase(percent=100)), min_length=1, max_length=20
@@ -234,6 +265,16 @@ class RolloutSpec(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
+        if self.kind is RolloutKind.AGENT:
+            if self.model_name != AGENT_TARGET or self.agent_version is None:
+                raise ValueError(
+                    f"an agent rollout has model_name {AGENT_TARGET!r} and an agent_version"
+                )
+        else:
+            if not _MODEL_NAME.fullmatch(self.model_name):
+                raise ValueError(f"model_name {self.model_name!r} is not a model name")
+            if self.agent_version is not None or self.health_timeout_s is not None:
+                raise ValueError("agent_version and health_timeout_s belong to agent rollouts")
         if self.device_timeout <= timedelta(0):
             raise ValueError("device_timeout must be positive")
         if self.wait_between_phases < timedelta(0):
@@ -341,6 +382,7 @@ class UpdateReport:
     model_version: int | None = None
     reason: str | None = None
     detail: str | None = None
+    agent_version: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -687,7 +729,14 @@ def _refresh_exclusions(work: _Work, members: Sequence[RolloutMember]) -> None:
 def _relevant(work: _Work, update: UpdateReport, since: datetime) -> bool:
     if update.received_at < since:
         return False
-    if update.model_name is not None and update.model_name != work.spec.model_name:
+    spec = work.spec
+    if spec.kind is RolloutKind.AGENT:
+        if update.model_name is not None or update.model_version is not None:
+            return False  # an event of a model update
+        return update.agent_version is None or update.agent_version == spec.agent_version
+    if update.agent_version is not None:
+        return False  # an event of an agent update
+    if update.model_name is not None and update.model_name != spec.model_name:
         return False
     return update.model_version is None or update.model_version == work.version
 

@@ -3,13 +3,14 @@
 The pure part, in the order a caller uses it:
 
 1. :func:`rollout_claims` -- what one rollout wants each of its devices to run
-   (:class:`ModelClaim`): the new version while the device is moved, with the install
-   window its attempt was given; the previous one, at once, after it failed, timed out
-   or was rolled back.
+   (:class:`ModelClaim`; an agent rollout's :class:`AgentClaim`): the new version while
+   the device is moved, with the install window its attempt was given; the previous
+   one, at once, after it failed, timed out or was rolled back.
 2. :func:`desired_content` -- one device's deployments from every claim on it and its
    pins (a pin wins; among claims the latest wins), each in the deliverable variant
    for the device's profile (:func:`~server.rollouts.eligibility.select_variant`) and
-   with the winning claim's install window (a pin has none: it applies at once).
+   with the winning claim's install window (a pin has none: it applies at once); and
+   the agent deployment of the latest agent claim, if any.
 3. :func:`issue_manifest` -- whether that content needs a new manifest version, and if
    so the signed :class:`~shared.messages.DesiredMessage` as an :class:`IssuedManifest`.
 
@@ -27,7 +28,14 @@ What always holds:
 - A manifest never outlives the keyring it ships with: ``expires_at`` is the earlier of
   ``now + lifetime`` and the keyring's expiry.
 - :func:`allowed_artifacts` is exactly the set of artifacts the device's latest signed
-  manifest names: what the block server and the range endpoint may serve it.
+  manifest names -- model bundles and the agent wheel: what the block server and the
+  range endpoint may serve it.
+- Content without an agent deployment digests and serializes exactly as before agent
+  deployments existed, so such devices' manifests stay byte for byte what they were.
+- An agent claim whose version is no published release (``wheel`` None: the device ran
+  a version the server never published, or none) leaves the ``agent`` field out: the
+  device keeps the agent it runs. After an abort or a failure that is the only way
+  back the server has -- it can only name versions whose wheel it can serve.
 - A new manifest is handed to ``record`` (persisted) *before* it is published, so a
   version the broker may have seen is never issued again with other content.
 """
@@ -39,7 +47,7 @@ import json
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -50,10 +58,12 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from server.keys import FleetKeys
-from server.rollouts.core import DeviceOutcome, RolloutSpec, RolloutState
+from server.rollouts.core import DeviceOutcome, RolloutKind, RolloutSpec, RolloutState
 from server.rollouts.eligibility import ArtifactVariant, Pin, select_variant
 from server.rollouts.errors import DesiredStateError, PublishError
 from shared.messages import (
+    AGENT_WHEEL_MEDIA_TYPE,
+    AgentDeployment,
     ArtifactRef,
     Deployment,
     DesiredMessage,
@@ -67,6 +77,9 @@ from shared.topics import CHANNELS, Channel, device_topic
 __all__ = [
     "DEFAULT_MANIFEST_LIFETIME",
     "DEFAULT_REFRESH_MARGIN",
+    "AgentClaim",
+    "AgentWheel",
+    "Claim",
     "DesiredContent",
     "DesiredPublisher",
     "IssueReason",
@@ -109,15 +122,50 @@ class ModelClaim:
     install_window: InstallWindow | None = None
 
 
-def rollout_claims(spec: RolloutSpec, state: RolloutState) -> dict[str, ModelClaim]:
+@dataclass(frozen=True, slots=True)
+class AgentWheel:
+    """A published agent release as a desired state names it."""
+
+    version: str
+    sha256: str
+    length: int
+
+
+DEFAULT_HEALTH_TIMEOUT_S = 300
+
+
+@dataclass(frozen=True, slots=True)
+class AgentClaim:
+    """What one agent rollout wants a device to run of the agent (``wheel`` None: no
+    published version -- the device keeps what it runs), and the window to switch in."""
+
+    device_id: str
+    wheel: AgentWheel | None
+    rollout_id: str | None
+    claimed_at: datetime
+    install_window: InstallWindow | None = None
+    health_timeout_s: int = DEFAULT_HEALTH_TIMEOUT_S
+
+
+Claim = ModelClaim | AgentClaim
+
+
+def rollout_claims(
+    spec: RolloutSpec,
+    state: RolloutState,
+    *,
+    agent_wheels: Mapping[int, AgentWheel] | None = None,
+) -> dict[str, Claim]:
     """The claim of one rollout on each device it targeted, by device id.
 
     Devices it moved (targeted, updating or activated) are claimed for the new version,
     in the install window of their latest attempt; devices that failed, timed out or
     were rolled back, for the version they ran before, at once. Excluded devices carry
-    no claim.
+    no claim. An agent rollout's versions are release ids, looked up in
+    ``agent_wheels``; an id not there (None: the device ran no published version)
+    claims no wheel.
     """
-    claims = {}
+    claims: dict[str, Claim] = {}
     version: int | None
     for device_id, a in state.devices.items():
         if a.targeted_at is None or a.outcome is DeviceOutcome.EXCLUDED:
@@ -127,6 +175,17 @@ def rollout_claims(spec: RolloutSpec, state: RolloutState) -> dict[str, ModelCla
             version, at, window = spec.model_version, a.targeted_at, a.install_window
         else:
             version, at = a.previous_version, a.outcome_at or a.targeted_at
+        if spec.kind is RolloutKind.AGENT:
+            wheels = agent_wheels or {}
+            claims[device_id] = AgentClaim(
+                device_id=device_id,
+                wheel=None if version is None else wheels.get(version),
+                rollout_id=spec.rollout_id,
+                claimed_at=at,
+                install_window=window,
+                health_timeout_s=spec.health_timeout_s or DEFAULT_HEALTH_TIMEOUT_S,
+            )
+            continue
         claims[device_id] = ModelClaim(
             device_id=device_id,
             model_name=spec.model_name,
@@ -148,26 +207,33 @@ class DesiredContent:
     device_id: str
     rollout_id: str | None
     deployments: tuple[Deployment, ...]
+    agent: AgentDeployment | None = None
 
     def digest(self) -> str:
-        """SHA-256 of the canonical JSON of the rollout id and the deployments."""
-        document = {
+        """SHA-256 of the canonical JSON of the rollout id, the deployments and the agent
+        (left out when absent, so content without one digests as it always did)."""
+        document: dict[str, object] = {
             "rollout_id": self.rollout_id,
             "deployments": [d.model_dump(mode="json") for d in self.deployments],
         }
+        if self.agent is not None:
+            document["agent"] = self.agent.model_dump(mode="json")
         canonical = json.dumps(document, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
     @property
     def artifacts(self) -> frozenset[str]:
-        return frozenset(d.artifact.sha256 for d in self.deployments)
+        shas = {d.artifact.sha256 for d in self.deployments}
+        if self.agent is not None:
+            shas.add(self.agent.artifact.sha256)
+        return frozenset(shas)
 
 
 def desired_content(
     device_id: str,
     profile: str,
     *,
-    claims: Iterable[ModelClaim],
+    claims: Iterable[Claim],
     pins: Iterable[Pin] = (),
     variants: Iterable[ArtifactVariant],
     artifact_url: Callable[[str], str | None] | None = None,
@@ -176,14 +242,20 @@ def desired_content(
 
     Per model, a pin on the device wins (at once); otherwise the latest claim (ties: the
     larger rollout id), in that claim's install window. A model whose winning claim is
-    ``None`` is left out, so the device removes it. The desired state's rollout id is
-    that of the latest claim used.
+    ``None`` is left out, so the device removes it. The agent: the latest
+    :class:`AgentClaim`'s wheel (none: the field is left out). The desired state's
+    rollout id is that of the latest claim used, model or agent.
     Raises :class:`DesiredStateError` when a chosen version has no deliverable variant
     for ``profile``.
     """
     chosen: dict[str, tuple[int | None, ModelClaim | None]] = {}
+    agent_claim: AgentClaim | None = None
     for claim in claims:
         if claim.device_id != device_id:
+            continue
+        if isinstance(claim, AgentClaim):
+            if agent_claim is None or _later(claim, agent_claim):
+                agent_claim = claim
             continue
         held = chosen.get(claim.model_name)
         if held is None or _later(claim, held[1]):
@@ -193,7 +265,7 @@ def desired_content(
             chosen[pin.model_name] = (pin.model_version, None)
     variant_list = list(variants)
     deployments = []
-    rollout: ModelClaim | None = None
+    rollout: Claim | None = agent_claim
     for model_name in sorted(chosen):
         version, source = chosen[model_name]
         if source is not None and _later(source, rollout):
@@ -222,14 +294,29 @@ def desired_content(
                 install_window=None if source is None else source.install_window,
             )
         )
+    agent = None
+    if agent_claim is not None and agent_claim.wheel is not None:
+        wheel = agent_claim.wheel
+        agent = AgentDeployment(
+            version=wheel.version,
+            artifact=ArtifactRef(
+                sha256=wheel.sha256,
+                length=wheel.length,
+                url=None if artifact_url is None else artifact_url(wheel.sha256),
+                media_type=AGENT_WHEEL_MEDIA_TYPE,
+            ),
+            health_timeout_s=agent_claim.health_timeout_s,
+            install_window=agent_claim.install_window,
+        )
     return DesiredContent(
         device_id=device_id,
         rollout_id=None if rollout is None else rollout.rollout_id,
         deployments=tuple(deployments),
+        agent=agent,
     )
 
 
-def _later(claim: ModelClaim, other: ModelClaim | None) -> bool:
+def _later(claim: Claim, other: Claim | None) -> bool:
     if other is None:
         return True
     return (claim.claimed_at, claim.rollout_id or "") > (other.claimed_at, other.rollout_id or "")
@@ -355,6 +442,7 @@ def build_desired_state(
         expires_at=_effective_expiry(keyring, now=now, lifetime=lifetime),
         rollout_id=content.rollout_id,
         deployments=list(content.deployments),
+        agent=content.agent,
     )
 
 
@@ -417,7 +505,10 @@ def allowed_artifacts(manifest: IssuedManifest | DesiredState | None) -> frozens
         return frozenset()
     if isinstance(manifest, IssuedManifest):
         return manifest.artifacts
-    return frozenset(d.artifact.sha256 for d in manifest.deployments)
+    shas = {d.artifact.sha256 for d in manifest.deployments}
+    if manifest.agent is not None:
+        shas.add(manifest.agent.artifact.sha256)
+    return frozenset(shas)
 
 
 def artifact_authorizer(

@@ -50,6 +50,14 @@ What always holds:
   logged and counted, and the others go on; the thread never dies of one.
 - The gates judge telemetry windows of the rollout's model that end after the rollout
   started minus ``baseline_window`` (the baseline: devices still on other versions).
+- Agent rollouts (``kind`` agent) run through the same step, claims and publishing: a
+  device's desired state carries the model deployments of the model claims and the
+  agent deployment of the latest agent claim side by side, so neither kind of rollout
+  disturbs the other. A device counts as running the new agent once its state reports
+  that ``agent_version`` with an ``agent_update`` that ``activated`` it. Their gates
+  judge the windows of every model: a window that starts after the device was seen
+  on the new agent counts as the new version's, one that ended before its attempt (or
+  from a device not moved) as the old's; windows in between are left out.
 """
 
 from __future__ import annotations
@@ -73,14 +81,19 @@ from server.fleet.models import Device, DeviceStatus
 from server.ingest.models import ModelWindowRecord
 from server.rollouts import service
 from server.rollouts.core import (
+    DeviceOutcome,
     DeviceSignals,
     PhaseStarted,
+    RolloutKind,
     RolloutSpec,
     StatusChanged,
     StepResult,
     step,
 )
 from server.rollouts.desired import (
+    AgentClaim,
+    AgentWheel,
+    Claim,
     DesiredPublisher,
     ModelClaim,
     desired_content,
@@ -91,7 +104,7 @@ from server.rollouts.eligibility import ArtifactVariant, Pin
 from server.rollouts.errors import DesiredStateError, PublishError
 from server.rollouts.models import RolloutRecord
 from shared.drift import DriftSketch, PredictionSketch
-from shared.messages import InstallWindow, LatencyHistogram, ModelWindow
+from shared.messages import AgentDeployment, InstallWindow, LatencyHistogram, ModelWindow
 
 __all__ = ["ArtifactPath", "RolloutEngine", "needs_telemetry"]
 
@@ -148,7 +161,7 @@ def _window(row: ModelWindowRecord) -> ModelWindow | None:
         return None
 
 
-def _standing_claims(record: Any) -> list[ModelClaim]:
+def _standing_claims(record: Any) -> list[Claim]:
     """What the device's latest manifest names, as claims made when it was issued (with
     the install windows it named).
 
@@ -158,7 +171,25 @@ def _standing_claims(record: Any) -> list[ModelClaim]:
     """
     if record is None:
         return []
-    return [
+    claims: list[Claim] = []
+    agent_json = getattr(record, "agent_json", None)
+    if agent_json:
+        agent = AgentDeployment.model_validate_json(agent_json)
+        claims.append(
+            AgentClaim(
+                device_id=record.device_id,
+                wheel=AgentWheel(
+                    version=agent.version,
+                    sha256=agent.artifact.sha256,
+                    length=agent.artifact.length,
+                ),
+                rollout_id=record.rollout_id,
+                claimed_at=record.issued_at,
+                install_window=agent.install_window,
+                health_timeout_s=agent.health_timeout_s,
+            )
+        )
+    return claims + [
         ModelClaim(
             device_id=record.device_id,
             model_name=d["model_name"],
@@ -171,6 +202,32 @@ def _standing_claims(record: Any) -> list[ModelClaim]:
         )
         for d in json.loads(record.deployments_json)
     ]
+
+
+_OLD_AGENT = 0
+"""The version a relabelled window of an agent rollout gets when the old agent made it."""
+
+
+def _agent_window(
+    rollout: service.LoadedRollout, device_id: str, window: ModelWindow, start: datetime
+) -> ModelWindow | None:
+    """A window as an agent rollout's gates read it: ``model_version`` the release id when
+    the new agent made it, :data:`_OLD_AGENT` when the old one did, None when unsure."""
+    a = rollout.state.devices.get(device_id)
+    if a is None or a.targeted_at is None or a.outcome is DeviceOutcome.EXCLUDED:
+        label = _OLD_AGENT
+    elif a.outcome is DeviceOutcome.ACTIVATED and a.outcome_at is not None:
+        if start >= a.outcome_at:
+            label = rollout.spec.model_version
+        elif start < a.targeted_at:
+            label = _OLD_AGENT
+        else:
+            return None
+    elif start < a.targeted_at:
+        label = _OLD_AGENT
+    else:
+        return None
+    return window.model_copy(update={"model_version": label})
 
 
 class RolloutEngine:
@@ -207,9 +264,10 @@ class RolloutEngine:
         self._artifact_path = artifact_path
         self._authority = authority
         self._rollouts: dict[str, service.LoadedRollout] = {}
-        self._claims: dict[str, dict[str, ModelClaim]] = {}
+        self._claims: dict[str, dict[str, Claim]] = {}
+        self._agent_wheels: dict[int, AgentWheel] = {}
         self._variants: dict[tuple[str, int], list[ArtifactVariant]] = {}
-        self._windows: dict[str, dict[int, tuple[str, ModelWindow]]] = {}
+        self._windows: dict[str, dict[int, tuple[str, ModelWindow, datetime]]] = {}
         self._loaded_once = False
         self._next_maintenance = 0.0
         self._pending: dict[str, bool] = {}  # device id -> needs a new manifest version
@@ -335,6 +393,15 @@ class RolloutEngine:
                 if record is None:
                     continue
                 fresh = service.load_rollout(record)
+                if fresh.spec.kind is RolloutKind.AGENT and (
+                    fresh.spec.model_version not in self._agent_wheels
+                    or any(
+                        a.previous_version is not None
+                        and a.previous_version not in self._agent_wheels
+                        for a in fresh.state.devices.values()
+                    )
+                ):
+                    self._agent_wheels = service.agent_wheels(session)
                 if known is not None:
                     reconcile |= service.targeted_devices(known.state)
                 if known is not None or not self._loaded_once:
@@ -345,7 +412,9 @@ class RolloutEngine:
 
     def _remember(self, rollout: service.LoadedRollout) -> None:
         self._rollouts[rollout.id] = rollout
-        self._claims[rollout.id] = rollout_claims(rollout.spec, rollout.state)
+        self._claims[rollout.id] = rollout_claims(
+            rollout.spec, rollout.state, agent_wheels=self._agent_wheels
+        )
         if rollout.state.status.is_final:
             self._windows.pop(rollout.id, None)
 
@@ -365,7 +434,12 @@ class RolloutEngine:
     def _step(self, rollout: service.LoadedRollout, now: datetime) -> StepResult | None:
         spec, state = rollout.spec, rollout.state
         with Session(self.db, expire_on_commit=False) as session:
-            variants = self._variants_of(session, spec.model_name, spec.model_version)
+            if spec.kind is RolloutKind.AGENT:
+                # Small, and read fresh: a release published since names devices' versions.
+                self._agent_wheels = service.agent_wheels(session)
+                variants: list[ArtifactVariant] = []
+            else:
+                variants = self._variants_of(session, spec.model_name, spec.model_version)
             members = service.rollout_members(
                 session,
                 spec=spec,
@@ -425,7 +499,16 @@ class RolloutEngine:
         spec, state = rollout.spec, rollout.state
         ids = {m.device_id for m in members.members} | service.targeted_devices(state)
         devices = members.devices
-        versions = service.running_versions(devices.values(), spec.model_name)
+        if spec.kind is RolloutKind.AGENT:
+            moving = {
+                d: spec.agent_version
+                for d, a in state.devices.items()
+                if a.targeted and a.outcome is None and spec.agent_version is not None
+            }
+            release_ids = {w.version: i for i, w in self._agent_wheels.items()}
+            versions = service.running_agent_releases(devices.values(), release_ids, confirm=moving)
+        else:
+            versions = service.running_versions(devices.values(), spec.model_name)
         receipts = service.state_receipts(session, device_ids=ids)
         in_progress = {
             d: a.targeted_at
@@ -474,13 +557,11 @@ class RolloutEngine:
         device. Parsed rows are kept between ticks; only new ids are read."""
         since = (rollout.state.started_at or now) - self.baseline_window
         cache = self._windows.setdefault(rollout.id, {})
-        present = set(
-            session.exec(
-                select(ModelWindowRecord.id)
-                .where(ModelWindowRecord.model_name == rollout.spec.model_name)
-                .where(col(ModelWindowRecord.window_end) >= since)
-            ).all()
-        )
+        agent = rollout.spec.kind is RolloutKind.AGENT
+        ids = select(ModelWindowRecord.id).where(col(ModelWindowRecord.window_end) >= since)
+        if not agent:
+            ids = ids.where(ModelWindowRecord.model_name == rollout.spec.model_name)
+        present = set(session.exec(ids).all())
         for stale in set(cache) - present:
             del cache[stale]
         new = sorted(i for i in present - set(cache) if i is not None)
@@ -493,12 +574,18 @@ class RolloutEngine:
             for row in rows:
                 window = _window(row)
                 if window is not None and row.id is not None:
-                    cache[row.id] = (row.device_id, window)
+                    cache[row.id] = (row.device_id, window, row.window_start)
         wanted = set(device_ids)
         found: dict[str, list[ModelWindow]] = {}
-        for device_id, window in cache.values():
-            if device_id in wanted:
-                found.setdefault(device_id, []).append(window)
+        for device_id, window, window_start in cache.values():
+            if device_id not in wanted:
+                continue
+            if agent:
+                labelled = _agent_window(rollout, device_id, window, window_start)
+                if labelled is None:
+                    continue
+                window = labelled
+            found.setdefault(device_id, []).append(window)
         return found
 
     # ----------------------------------------------------------------------- maintenance
@@ -534,7 +621,7 @@ class RolloutEngine:
 
     # ----------------------------------------------------------------------- publishing
 
-    def _device_claims(self, device_id: str) -> list[ModelClaim]:
+    def _device_claims(self, device_id: str) -> list[Claim]:
         return [claims[device_id] for claims in self._claims.values() if device_id in claims]
 
     def _publish(self, devices: Mapping[str, bool], now: datetime) -> dict[str, bool]:
@@ -564,7 +651,7 @@ class RolloutEngine:
                 wanted.update(
                     (c.model_name, c.model_version)
                     for c in device_claims
-                    if c.model_version is not None
+                    if isinstance(c, ModelClaim) and c.model_version is not None
                 )
             for device_pins in pins.values():
                 wanted.update((p.model_name, p.model_version) for p in device_pins)
@@ -597,7 +684,7 @@ class RolloutEngine:
         self,
         device: Device,
         *,
-        claims: Sequence[ModelClaim],
+        claims: Sequence[Claim],
         pins: Sequence[Pin],
         variants: Sequence[ArtifactVariant],
         last_row: Any,

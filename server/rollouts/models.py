@@ -1,9 +1,11 @@
-"""The rollouts' tables (SQLModel); the schema is owned by the Alembic migration ``0005``.
+"""The rollouts' tables (SQLModel); the schema is owned by the Alembic migrations ``0005``
+and ``0010`` (agent rollouts).
 
 ==========================  ==============================================================
 table                       what a row is
 ==========================  ==============================================================
-``rollouts``                one rollout: its spec and its whole state (JSON of
+``rollouts``                one rollout of a model version or (``kind`` agent) of an agent
+                            release: its spec and its whole state (JSON of
                             :class:`~server.rollouts.core.RolloutSpec` and
                             :class:`~server.rollouts.core.RolloutState`), with ``status``
                             and ``phase`` copied out for filtering
@@ -35,9 +37,11 @@ from datetime import datetime
 from sqlalchemy import Column, Index, LargeBinary, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
+from server.agent_releases.models import AgentRelease
 from server.db import UTCDateTime, utcnow
 
 __all__ = [
+    "AgentRelease",
     "DeviceEventRecord",
     "DevicePin",
     "DeviceStateReceipt",
@@ -47,14 +51,22 @@ __all__ = [
 
 
 class RolloutRecord(SQLModel, table=True):
-    """One rollout of one model version to one device group."""
+    """One rollout of one model version, or of one agent release, to one device group.
+
+    An agent rollout (``kind`` agent) stores ``model_name``
+    :data:`~server.rollouts.core.AGENT_TARGET` and ``model_version`` the release's id,
+    as its spec does; ``model_version_id`` is NULL and ``agent_release_id`` names it.
+    """
 
     __tablename__ = "rollouts"
 
     id: str = Field(primary_key=True, max_length=128, description="the rollout id")
+    kind: str = Field(default="model", max_length=16, index=True, description="model | agent")
     model_name: str = Field(max_length=128, index=True)
     model_version: int = Field(ge=1)
-    model_version_id: int = Field(foreign_key="model_versions.id")
+    model_version_id: int | None = Field(default=None, foreign_key="model_versions.id")
+    agent_release_id: int | None = Field(default=None, foreign_key="agent_releases.id")
+    agent_version: str | None = Field(default=None, max_length=64)
     group_name: str = Field(max_length=64, index=True)
     group_id: int = Field(foreign_key="device_groups.id", index=True)
     status: str = Field(max_length=32, index=True, description="RolloutStatus, as in state_json")
@@ -85,6 +97,11 @@ class IssuedManifestRecord(SQLModel, table=True):
     keyring_version: int
     deployments_json: str = Field(sa_column=Column(Text, nullable=False))
     artifacts_json: str = Field(sa_column=Column(Text, nullable=False))
+    agent_json: str | None = Field(
+        default=None,
+        sa_column=Column(Text, nullable=True),
+        description="the AgentDeployment the manifest named (NULL: none)",
+    )
     payload: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     issued_at: datetime = Field(sa_column=Column(UTCDateTime, nullable=False))
     expires_at: datetime = Field(sa_column=Column(UTCDateTime, nullable=False))
@@ -122,6 +139,7 @@ class DeviceEventRecord(SQLModel, table=True):
     rollout_id: str | None = Field(default=None, max_length=128)
     model_name: str | None = Field(default=None, max_length=128)
     model_version: int | None = None
+    agent_version: str | None = Field(default=None, max_length=64)
     sha256: str | None = Field(default=None, max_length=64)
     reason: str | None = Field(default=None, max_length=64)
     detail: str | None = Field(default=None, sa_column=Column(Text, nullable=True))

@@ -3,6 +3,7 @@
 What this module is responsible for:
 
 - **Rollouts** -- :func:`create_rollout` (resolving a version number or alias),
+  :func:`create_agent_rollout` (a published agent release),
   :func:`list_rollouts`, :func:`get_rollout`, and the operator commands
   :func:`pause_rollout`, :func:`resume_rollout`, :func:`approve_rollout`,
   :func:`abort_rollout`, which run the pure commands of :mod:`server.rollouts.core` and
@@ -24,7 +25,9 @@ What always holds:
 - At most one active rollout of a model covers any device: :func:`create_rollout`
   refuses a rollout whose group is that of an active rollout of the same model, or
   shares a device with it now (dynamic groups are compared by the devices they select
-  at that moment).
+  at that moment). The same holds for the agent: at most one active agent rollout
+  covers any device (:func:`create_agent_rollout`); agent and model rollouts to the
+  same devices run side by side.
 - A state is written only over the revision it was computed from (:func:`save_state`
   returns ``None`` otherwise), so concurrent writers never both apply a step; the
   commands re-read and retry on such a conflict.
@@ -51,8 +54,11 @@ from typing import Any
 from sqlalchemy import func, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
+from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session, col, select
 
+from server.agent_releases.models import AgentRelease
+from server.agent_releases.service import get_release
 from server.fleet.auth import DeviceAuthenticator
 from server.fleet.groups import (
     MaintenanceWindow,
@@ -65,10 +71,13 @@ from server.fleet.models import Device, DeviceGroup, DeviceStatus
 from server.models import Model, ModelVersion, TargetArtifact
 from server.registry import get_version
 from server.rollouts.core import (
+    AGENT_TARGET,
     DeviceOutcome,
+    Exclusion,
     OnBreach,
     Phase,
     RetryPolicy,
+    RolloutKind,
     RolloutMember,
     RolloutSpec,
     RolloutState,
@@ -82,7 +91,7 @@ from server.rollouts.core import (
     pause,
     resume,
 )
-from server.rollouts.desired import DesiredContent, IssuedManifest, IssueReason
+from server.rollouts.desired import AgentWheel, DesiredContent, IssuedManifest, IssueReason
 from server.rollouts.eligibility import (
     ArtifactVariant,
     DeviceFacts,
@@ -105,7 +114,7 @@ from server.rollouts.models import (
     IssuedManifestRecord,
     RolloutRecord,
 )
-from shared.messages import DeviceState, Event, EventKind, InstallWindow
+from shared.messages import DeviceState, Event, EventKind, InstallWindow, UpdateOutcome
 from shared.topics import Channel
 
 __all__ = [
@@ -114,9 +123,11 @@ __all__ = [
     "ManifestAuthority",
     "Members",
     "abort_rollout",
+    "agent_wheels",
     "approve_rollout",
     "channel_matters",
     "clear_pin",
+    "create_agent_rollout",
     "create_rollout",
     "device_message_recorder",
     "devices_by_id",
@@ -133,6 +144,7 @@ __all__ = [
     "record_manifest",
     "resume_rollout",
     "rollout_members",
+    "running_agent_releases",
     "running_versions",
     "save_state",
     "set_pin",
@@ -180,6 +192,10 @@ class LoadedRollout:
     def model_version(self) -> int:
         return self.spec.model_version
 
+    @property
+    def kind(self) -> RolloutKind:
+        return self.spec.kind
+
 
 def load_rollout(record: RolloutRecord) -> LoadedRollout:
     return LoadedRollout(
@@ -208,9 +224,13 @@ def list_rollouts(
     model_name: str | None = None,
     group: str | None = None,
     active: bool | None = None,
+    kind: RolloutKind | None = None,
 ) -> list[LoadedRollout]:
-    """Rollouts, newest first, narrowed by status, model, group and whether still active."""
+    """Rollouts, newest first, narrowed by status, model, group, kind and whether still
+    active (``model_name`` :data:`~server.rollouts.core.AGENT_TARGET`: agent rollouts)."""
     query = select(RolloutRecord)
+    if kind is not None:
+        query = query.where(RolloutRecord.kind == kind.value)
     if status is not None:
         query = query.where(RolloutRecord.status == status.value)
     if model_name is not None:
@@ -248,10 +268,11 @@ def _check_deliverable(session: Session, model_name: str, version: ModelVersion)
 
 def _check_overlap(session: Session, *, model_name: str, group: DeviceGroup) -> None:
     mine: set[str] | None = None
+    what = "the agent" if model_name == AGENT_TARGET else model_name
     for other in list_rollouts(session, model_name=model_name, active=True):
         if other.group_id == group.id:
             raise RolloutConflictError(
-                f"rollout {other.id} of {model_name} to group {group.name!r} is still "
+                f"rollout {other.id} of {what} to group {group.name!r} is still "
                 f"{other.state.status.value}: pause it, abort it or let it finish first"
             )
         if mine is None:
@@ -265,10 +286,48 @@ def _check_overlap(session: Session, *, model_name: str, group: DeviceGroup) -> 
         if shared:
             listed = ", ".join(sorted(shared)[:5]) + (" ..." if len(shared) > 5 else "")
             raise RolloutConflictError(
-                f"rollout {other.id} of {model_name} (group {other.group_name!r}) is "
+                f"rollout {other.id} of {what} (group {other.group_name!r}) is "
                 f"still {other.state.status.value} and covers {len(shared)} device(s) of "
                 f"group {group.name!r}: {listed}"
             )
+
+
+def _spec_fields(
+    *,
+    phases: str | Sequence[Phase] | None,
+    approval: bool,
+    wait_between_phases: timedelta | None,
+    max_devices_per_minute: int | None,
+    device_timeout: timedelta | None,
+    retry: RetryPolicy | None,
+    on_breach: OnBreach | None,
+    gates: HealthThresholds | None,
+    start_at: datetime | None,
+) -> dict[str, Any]:
+    """The spec fields every kind of rollout shares, from the operator's options."""
+    chosen: tuple[Phase, ...] | None
+    if phases is None:
+        chosen = None
+    elif isinstance(phases, str):
+        chosen = parse_phases(phases)
+    else:
+        chosen = tuple(phases)
+    if approval:
+        base = chosen if chosen is not None else RolloutSpec.model_fields["phases"].default
+        chosen = tuple(
+            p.model_copy(update={"approval_required": index < len(base) - 1})
+            for index, p in enumerate(base)
+        )
+    return {
+        "phases": chosen,
+        "wait_between_phases": wait_between_phases,
+        "max_devices_per_minute": max_devices_per_minute,
+        "device_timeout": device_timeout,
+        "retry": retry,
+        "on_breach": on_breach,
+        "gates": gates,
+        "start_at": start_at,
+    }
 
 
 def create_rollout(
@@ -301,33 +360,23 @@ def create_rollout(
     _check_deliverable(session, model_name, found)
     device_group = get_group(session, name=group)
     _check_overlap(session, model_name=model_name, group=device_group)
-    chosen: tuple[Phase, ...] | None
-    if phases is None:
-        chosen = None
-    elif isinstance(phases, str):
-        chosen = parse_phases(phases)
-    else:
-        chosen = tuple(phases)
-    if approval:
-        base = chosen if chosen is not None else RolloutSpec.model_fields["phases"].default
-        chosen = tuple(
-            p.model_copy(update={"approval_required": index < len(base) - 1})
-            for index, p in enumerate(base)
-        )
-    fields: dict[str, Any] = {
-        "rollout_id": rollout_id or _new_rollout_id(model_name, found.version),
-        "model_name": model_name,
-        "model_version": found.version,
-        "group": device_group.name,
-        "phases": chosen,
-        "wait_between_phases": wait_between_phases,
-        "max_devices_per_minute": max_devices_per_minute,
-        "device_timeout": device_timeout,
-        "retry": retry,
-        "on_breach": on_breach,
-        "gates": gates,
-        "start_at": start_at,
-    }
+    fields = _spec_fields(
+        phases=phases,
+        approval=approval,
+        wait_between_phases=wait_between_phases,
+        max_devices_per_minute=max_devices_per_minute,
+        device_timeout=device_timeout,
+        retry=retry,
+        on_breach=on_breach,
+        gates=gates,
+        start_at=start_at,
+    )
+    fields.update(
+        rollout_id=rollout_id or _new_rollout_id(model_name, found.version),
+        model_name=model_name,
+        model_version=found.version,
+        group=device_group.name,
+    )
     spec = RolloutSpec.build(**{k: v for k, v in fields.items() if v is not None})
     if session.get(RolloutRecord, spec.rollout_id) is not None:
         raise RolloutConflictError(f"a rollout with id {spec.rollout_id!r} already exists")
@@ -336,7 +385,7 @@ def create_rollout(
         id=spec.rollout_id,
         model_name=model_name,
         model_version=found.version,
-        model_version_id=found.id,  # type: ignore[arg-type]
+        model_version_id=found.id,
         group_name=device_group.name,
         group_id=device_group.id,  # type: ignore[arg-type]
         status=state.status.value,
@@ -350,6 +399,92 @@ def create_rollout(
     session.add(record)
     session.flush()
     return load_rollout(record)
+
+
+def create_agent_rollout(
+    session: Session,
+    *,
+    agent_version: str,
+    group: str,
+    now: datetime,
+    health_timeout_s: int | None = None,
+    phases: str | Sequence[Phase] | None = None,
+    approval: bool = False,
+    wait_between_phases: timedelta | None = None,
+    max_devices_per_minute: int | None = None,
+    device_timeout: timedelta | None = None,
+    retry: RetryPolicy | None = None,
+    on_breach: OnBreach | None = None,
+    gates: HealthThresholds | None = None,
+    start_at: datetime | None = None,
+    rollout_id: str | None = None,
+) -> LoadedRollout:
+    """A new ``pending`` rollout of the published agent release ``agent_version`` to
+    ``group``, with the same phases, gates and commands as a model rollout.
+
+    ``health_timeout_s``: how long the new agent has to report healthy before the device
+    goes back by itself (default 300 s). Refused while another active agent rollout
+    covers a device of the group.
+    """
+    release = get_release(session, version=agent_version)
+    assert release.id is not None
+    device_group = get_group(session, name=group)
+    _check_overlap(session, model_name=AGENT_TARGET, group=device_group)
+    fields = _spec_fields(
+        phases=phases,
+        approval=approval,
+        wait_between_phases=wait_between_phases,
+        max_devices_per_minute=max_devices_per_minute,
+        device_timeout=device_timeout,
+        retry=retry,
+        on_breach=on_breach,
+        gates=gates,
+        start_at=start_at,
+    )
+    fields.update(
+        rollout_id=rollout_id
+        or f"agent-{_ROLLOUT_ID.sub('-', release.version)}-{secrets.token_hex(3)}",
+        kind=RolloutKind.AGENT,
+        model_name=AGENT_TARGET,
+        model_version=release.id,
+        agent_version=release.version,
+        health_timeout_s=health_timeout_s,
+        group=device_group.name,
+    )
+    spec = RolloutSpec.build(**{k: v for k, v in fields.items() if v is not None})
+    if session.get(RolloutRecord, spec.rollout_id) is not None:
+        raise RolloutConflictError(f"a rollout with id {spec.rollout_id!r} already exists")
+    state = new_rollout(spec, now=now)
+    record = RolloutRecord(
+        id=spec.rollout_id,
+        kind=RolloutKind.AGENT.value,
+        model_name=AGENT_TARGET,
+        model_version=release.id,
+        model_version_id=None,
+        agent_release_id=release.id,
+        agent_version=release.version,
+        group_name=device_group.name,
+        group_id=device_group.id,  # type: ignore[arg-type]
+        status=state.status.value,
+        phase=state.phase,
+        spec_json=spec.model_dump_json(),
+        state_json=state.model_dump_json(),
+        revision=0,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(record)
+    session.flush()
+    return load_rollout(record)
+
+
+def agent_wheels(session: Session) -> dict[int, AgentWheel]:
+    """Every published agent release by id, as desired states name it."""
+    return {
+        r.id: AgentWheel(version=r.version, sha256=r.sha256, length=r.length)
+        for r in session.exec(select(AgentRelease))
+        if r.id is not None
+    }
 
 
 def save_state(
@@ -508,6 +643,25 @@ def rollout_members(
         raise RolloutConflictError(f"rollout {spec.rollout_id}: its group no longer exists")
     ids = group_device_ids(session, group)
     devices = devices_by_id(session, set(ids) | set(also))
+    window = (
+        None
+        if group.maintenance_window is None
+        else parse_maintenance_window(group.maintenance_window)
+    )
+    if spec.kind is RolloutKind.AGENT:
+        # The wheel is pure Python: every accepted device can take it, whatever its profile.
+        agent_members = [
+            RolloutMember(
+                device_id=device.id,
+                profile=device.profile,
+                latency_sla_ms=latency_sla_ms.get(device.profile),
+                exclusion=None
+                if device.status == DeviceStatus.ACCEPTED
+                else Exclusion(ExclusionCode.NOT_ACCEPTED, f"the device is {device.status}"),
+            )
+            for device in (devices[i] for i in ids if i in devices)
+        ]
+        return Members(group=group, members=agent_members, devices=devices, window=window)
     pins = [
         Pin(p.device_id, p.model_name, p.model_version)
         for p in list_pins(session, model_name=spec.model_name, device_ids=ids)
@@ -519,11 +673,6 @@ def rollout_members(
         variants=variants,
         pins=pins,
         latency_sla_ms=latency_sla_ms,
-    )
-    window = (
-        None
-        if group.maintenance_window is None
-        else parse_maintenance_window(group.maintenance_window)
     )
     return Members(group=group, members=members, devices=devices, window=window)
 
@@ -537,6 +686,33 @@ def running_versions(devices: Iterable[Device], model_name: str) -> dict[str, in
             None,
         )
     return versions
+
+
+def running_agent_releases(
+    devices: Iterable[Device],
+    release_ids: Mapping[str, int],
+    *,
+    confirm: Mapping[str, str] | None = None,
+) -> dict[str, int | None]:
+    """The release id of the agent each device's retained state says it runs (None: a
+    version never published).
+
+    ``confirm`` maps device ids to the version an agent rollout is moving them to: such
+    a device counts as running it only once its ``agent_update`` says that version was
+    ``activated`` -- a new agent on probation, not yet healthy, does not count.
+    """
+    confirm = confirm or {}
+    found: dict[str, int | None] = {}
+    for device in devices:
+        version = device.agent_version
+        wanted = confirm.get(device.id)
+        if wanted is not None and version == wanted:
+            update = device.agent_update or {}
+            if update.get("version") != wanted or update.get("outcome") != UpdateOutcome.ACTIVATED:
+                found[device.id] = None
+                continue
+        found[device.id] = release_ids.get(version)
+    return found
 
 
 def state_receipts(
@@ -553,17 +729,19 @@ def update_reports(
     session: Session, *, device_ids: Collection[str], model_name: str, since: datetime
 ) -> dict[str, list[UpdateReport]]:
     """Update events of ``device_ids`` about ``model_name`` (or no model), received since
-    ``since`` (server time), oldest first, by device."""
+    ``since`` (server time), oldest first, by device. ``model_name``
+    :data:`~server.rollouts.core.AGENT_TARGET`: the events of no model (agent updates
+    and refused manifests)."""
     reports: dict[str, list[UpdateReport]] = {}
+    about: ColumnElement[bool] = col(DeviceEventRecord.model_name).is_(None)
+    if model_name != AGENT_TARGET:
+        about = about | (col(DeviceEventRecord.model_name) == model_name)
     for chunk in _chunks(sorted(device_ids)):
         query = (
             select(DeviceEventRecord)
             .where(col(DeviceEventRecord.device_id).in_(chunk))
             .where(col(DeviceEventRecord.received_at) >= since)
-            .where(
-                (col(DeviceEventRecord.model_name) == model_name)
-                | col(DeviceEventRecord.model_name).is_(None)
-            )
+            .where(about)
             .order_by(col(DeviceEventRecord.received_at), col(DeviceEventRecord.id))
         )
         for row in session.exec(query):
@@ -579,6 +757,7 @@ def update_reports(
                     model_version=row.model_version,
                     reason=row.reason,
                     detail=row.detail,
+                    agent_version=row.agent_version,
                 )
             )
     return reports
@@ -617,6 +796,7 @@ def record_device_message(session: Session, *, message: DeviceMessage) -> bool:
                 "rollout_id": body.rollout_id,
                 "model_name": body.model_name,
                 "model_version": body.model_version,
+                "agent_version": body.agent_version,
                 "sha256": body.sha256,
                 "reason": body.reason,
                 "detail": body.detail,
@@ -757,6 +937,9 @@ def record_manifest(
             [d.model_dump(mode="json") for d in content.deployments], sort_keys=True
         ),
         artifacts_json=json.dumps(sorted(manifest.artifacts)),
+        agent_json=None
+        if content.agent is None
+        else json.dumps(content.agent.model_dump(mode="json"), sort_keys=True),
         payload=manifest.payload,
         issued_at=manifest.issued_at,
         expires_at=manifest.expires_at,

@@ -38,7 +38,8 @@ from server.fleet.devices import get_device
 from server.fleet.groups import get_group, group_device_ids
 from server.ingest.models import ModelWindowRecord, TelemetryRecord
 from server.models import DatasetVersion, TrainingRun
-from server.rollouts.core import DeviceOutcome, RolloutStatus
+from server.rollouts.core import DeviceOutcome, RolloutKind, RolloutStatus
+from server.rollouts.models import RolloutRecord
 from server.rollouts.service import get_rollout
 from shared.latency import N_LATENCY_BUCKETS
 
@@ -505,9 +506,10 @@ def row_counts(engine: Engine, tables: list[str]) -> dict[str, int]:
     metadata = MetaData()
     metadata.reflect(engine, only=tables)
     with engine.connect() as connection:
-        return {
+        return {  # reflection also brings in tables a foreign key names: count only ours
             name: int(connection.execute(sql_select(func.count()).select_from(table)).scalar_one())
             for name, table in metadata.tables.items()
+            if name in tables
         }
 
 
@@ -540,6 +542,10 @@ def check_readable_through_todays_code(engine: Engine) -> None:
         assert rollout.state.status == RolloutStatus.RUNNING
         assert [p.percent for p in rollout.spec.phases] == [50.0, 100.0]
         assert rollout.state.devices["pump-0001"].outcome == DeviceOutcome.ACTIVATED
+        # 0010: a rollout stored before agent rollouts existed is a model rollout.
+        assert rollout.kind is RolloutKind.MODEL and rollout.spec.agent_version is None
+        record = session.get(RolloutRecord, "pumps-2-line-a-1")
+        assert record is not None and (record.kind, record.agent_release_id) == ("model", None)
 
         reports = session.exec(select(TelemetryRecord).order_by(col(TelemetryRecord.seq))).all()
         assert [r.seq for r in reports] == [1, 2, 3]

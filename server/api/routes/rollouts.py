@@ -1,6 +1,9 @@
 """Rollouts: create, list, show (progress per phase, gates, every device's outcome and every
 exclusion with its reason), pause, resume, approve, abort -- and per-device pins.
 
+A rollout moves a model version (``model`` + ``version``) or, with ``agent_version``, a
+published agent release (``kind`` agent) -- same phases, gates and commands.
+
 Phases are numbered from 1 here, as operators count them. A rollout is created
 ``pending``; the rollout engine starts it at its next step and the commands wake it, so
 their effect on devices follows at once. An unknown rollout, device, model, version or
@@ -12,10 +15,10 @@ rollout's status does not allow, 409; a spec that cannot work, 422 naming the fi
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request, Response, status
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, JsonValue
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, JsonValue, model_validator
 from sqlmodel import Session
 
 from server.api.deps import NowDep, SessionDep
@@ -32,12 +35,14 @@ from server.rollouts.core import (
     OnBreach,
     Phase,
     RetryPolicy,
+    RolloutKind,
     RolloutSpec,
     RolloutStatus,
     cumulative_targets,
 )
 from server.rollouts.gates import GateName, GateStatus, HealthThresholds
 from server.rollouts.models import DevicePin
+from server.rollouts.service import agent_wheels
 
 __all__ = [
     "AbortRequest",
@@ -68,8 +73,19 @@ class RolloutCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(max_length=128, description="model name")
-    version: int | str = Field(description="version number, alias (e.g. production) or 'latest'")
+    model: str | None = Field(None, max_length=128, description="model name")
+    version: int | str | None = Field(
+        None, description="version number, alias (e.g. production) or 'latest'"
+    )
+    agent_version: str | None = Field(
+        None, max_length=64, description="roll out this published agent release instead of a model"
+    )
+    health_timeout_s: int | None = Field(
+        None,
+        ge=10,
+        le=86_400,
+        description="agent rollouts: seconds the new agent has to report healthy",
+    )
     group: str = Field(max_length=64, description="device group (static or dynamic)")
     phases: str | list[Phase] = Field(
         "5,25,100",
@@ -93,6 +109,17 @@ class RolloutCreate(BaseModel):
     id: str | None = Field(
         None, max_length=128, description="rollout id; default <model>-v<version>-<random>"
     )
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> RolloutCreate:
+        if self.agent_version is not None:
+            if self.model is not None or self.version is not None:
+                raise ValueError("give either model and version, or agent_version, not both")
+        elif self.model is None or self.version is None:
+            raise ValueError("give model and version (or agent_version for an agent rollout)")
+        elif self.health_timeout_s is not None:
+            raise ValueError("health_timeout_s is for agent rollouts")
+        return self
 
 
 class PauseRequest(BaseModel):
@@ -163,7 +190,12 @@ class DeviceOutcomeView(BaseModel):
     )
     phase: int | None = Field(description="1-based phase that targeted it")
     attempts: int
-    previous_version: int | None
+    previous_version: int | None = Field(
+        description="the model version it ran before (agent rollouts: the release id)"
+    )
+    previous_agent_version: str | None = Field(
+        None, description="agent rollouts: the agent version it ran before (if published)"
+    )
     targeted_at: datetime | None
     outcome_at: datetime | None
     next_retry_at: datetime | None
@@ -174,8 +206,10 @@ class DeviceOutcomeView(BaseModel):
 
 class RolloutPublic(BaseModel):
     id: str
-    model_name: str
-    model_version: int
+    kind: RolloutKind = Field(description="model or agent")
+    model_name: str | None = Field(description="the model (None for an agent rollout)")
+    model_version: int | None
+    agent_version: str | None = Field(description="the agent release (agent rollouts)")
     group: str
     status: RolloutStatus
     status_reason: str | None
@@ -222,10 +256,13 @@ class PinPublic(BaseModel):
 
 def _public(rollout: service.LoadedRollout) -> RolloutPublic:
     state = rollout.state
+    agent = rollout.kind is RolloutKind.AGENT
     return RolloutPublic(
         id=rollout.id,
-        model_name=rollout.model_name,
-        model_version=rollout.model_version,
+        kind=rollout.kind,
+        model_name=None if agent else rollout.model_name,
+        model_version=None if agent else rollout.model_version,
+        agent_version=rollout.spec.agent_version,
         group=rollout.group_name,
         status=state.status,
         status_reason=state.status_reason,
@@ -240,7 +277,7 @@ def _public(rollout: service.LoadedRollout) -> RolloutPublic:
     )
 
 
-def _device_view(a: Assignment) -> DeviceOutcomeView:
+def _device_view(a: Assignment, agent_versions: dict[int, str] | None = None) -> DeviceOutcomeView:
     if a.outcome is not None:
         shown = a.outcome.value
     elif a.next_retry_at is not None:
@@ -256,6 +293,9 @@ def _device_view(a: Assignment) -> DeviceOutcomeView:
         phase=None if a.phase is None else a.phase + 1,
         attempts=a.attempts,
         previous_version=a.previous_version,
+        previous_agent_version=None
+        if agent_versions is None or a.previous_version is None
+        else agent_versions.get(a.previous_version),
         targeted_at=a.targeted_at,
         outcome_at=a.outcome_at,
         next_retry_at=a.next_retry_at,
@@ -318,6 +358,11 @@ def _detail(session: Session, rollout: service.LoadedRollout) -> RolloutDetail:
         ]
     )
     targeted = sorted((a for a in state.devices.values() if a.targeted), key=lambda a: a.device_id)
+    versions = (
+        {i: w.version for i, w in agent_wheels(session).items()}
+        if spec.kind is RolloutKind.AGENT
+        else None
+    )
     return RolloutDetail(
         **_public(rollout).model_dump(),
         spec=spec,
@@ -325,8 +370,8 @@ def _detail(session: Session, rollout: service.LoadedRollout) -> RolloutDetail:
         eligible=eligible,
         phase_progress=progress,
         gates=gates,
-        devices=[_device_view(a) for a in targeted],
-        excluded=[_device_view(a) for a in sorted(excluded, key=lambda a: a.device_id)],
+        devices=[_device_view(a, versions) for a in targeted],
+        excluded=[_device_view(a, versions) for a in sorted(excluded, key=lambda a: a.device_id)],
     )
 
 
@@ -347,9 +392,10 @@ def _wake(request: Request, device_ids: list[str] | None = None) -> None:
     "",
     response_model=RolloutDetail,
     status_code=status.HTTP_201_CREATED,
-    summary="Create a rollout of a model version (number or alias) to a device group",
+    summary="Create a rollout of a model version (number or alias), or of an agent release, "
+    "to a device group",
     responses={
-        404: {"description": "unknown model, version, alias or group"},
+        404: {"description": "unknown model, version, alias, agent release or group"},
         409: {"description": "version not ready or not gated; an overlapping active rollout"},
         422: {"description": "a spec that cannot work (the field is named)"},
     },
@@ -357,29 +403,43 @@ def _wake(request: Request, device_ids: list[str] | None = None) -> None:
 def create_rollout(
     body: RolloutCreate, session: SessionDep, now: NowDep, request: Request, who: PrincipalDep
 ) -> RolloutDetail:
-    created = service.create_rollout(
-        session,
-        model_name=body.model,
-        version=body.version,
-        group=body.group,
-        now=now,
-        phases=body.phases,
-        approval=body.approval,
-        wait_between_phases=body.wait_between_phases,
-        max_devices_per_minute=body.max_devices_per_minute,
-        device_timeout=body.device_timeout,
-        retry=body.retry,
-        on_breach=body.on_breach,
-        gates=body.gates,
-        start_at=body.start_at,
-        rollout_id=body.id,
-    )
+    options: dict[str, Any] = {
+        "group": body.group,
+        "now": now,
+        "phases": body.phases,
+        "approval": body.approval,
+        "wait_between_phases": body.wait_between_phases,
+        "max_devices_per_minute": body.max_devices_per_minute,
+        "device_timeout": body.device_timeout,
+        "retry": body.retry,
+        "on_breach": body.on_breach,
+        "gates": body.gates,
+        "start_at": body.start_at,
+        "rollout_id": body.id,
+    }
+    if body.agent_version is not None:
+        created = service.create_agent_rollout(
+            session,
+            agent_version=body.agent_version,
+            health_timeout_s=body.health_timeout_s,
+            **options,
+        )
+        detail: dict[str, object] = {"agent_version": body.agent_version, "group": body.group}
+    else:
+        assert body.model is not None and body.version is not None
+        created = service.create_rollout(
+            session,
+            model_name=body.model,
+            version=body.version,
+            **options,
+        )
+        detail = {"model": body.model, "version": body.version, "group": body.group}
     audit.record(
         session,
         actor=who.name,
         action="rollout.create",
         target=f"rollout:{created.id}",
-        detail={"model": body.model, "version": body.version, "group": body.group},
+        detail=detail,
         at=now,
     )
     session.commit()
@@ -392,13 +452,14 @@ def list_rollouts(
     session: SessionDep,
     status_: Annotated[RolloutStatus | None, Query(alias="status")] = None,
     model: Annotated[str | None, Query(description="model name")] = None,
+    kind: Annotated[RolloutKind | None, Query(description="model or agent")] = None,
     group: Annotated[str | None, Query(description="device group name")] = None,
     active: Annotated[
         bool | None, Query(description="true: not yet completed or aborted; false: finished")
     ] = None,
 ) -> list[RolloutPublic]:
     found = service.list_rollouts(
-        session, status=status_, model_name=model, group=group, active=active
+        session, status=status_, model_name=model, group=group, active=active, kind=kind
     )
     return [_public(r) for r in found]
 

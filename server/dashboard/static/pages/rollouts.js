@@ -21,6 +21,11 @@ import {
   table,
 } from "../ui.js";
 
+// What a rollout moves: a model version, or (kind "agent") an agent release.
+function rolledOut(r) {
+  return r.kind === "agent" ? `agent ${r.agent_version}` : `${r.model_name} v${r.model_version}`;
+}
+
 let charts;
 let parts;
 
@@ -105,7 +110,8 @@ export default {
         ? table(
             [
               { label: "Rollout", value: (r) => h("code", {}, r.id) },
-              { label: "Model", value: (r) => `${r.model_name} v${r.model_version}` },
+              { label: "Kind", value: (r) => r.kind || "model" },
+              { label: "What", value: (r) => rolledOut(r) },
               { label: "Group", value: (r) => r.group },
               { label: "Status", value: (r) => badge(r.status) },
               { label: "Phase", value: (r) => `${r.phase} / ${r.phases}` },
@@ -216,7 +222,11 @@ function renderDetail(ctx, r) {
   fill(
     d.facts,
     facts([
-      ["Model", `${r.model_name} v${r.model_version}`],
+      ["Kind", r.kind || "model"],
+      [r.kind === "agent" ? "Agent" : "Model", rolledOut(r)],
+      ...(r.kind === "agent" && r.spec.health_timeout_s
+        ? [["Health timeout", `${r.spec.health_timeout_s} s`]]
+        : []),
       ["Group", `${r.group} (${r.group_members} members, ${r.eligible} eligible)`],
       ["Status", [badge(r.status), r.status_reason ? ` ${r.status_reason}` : ""]],
       ["Phase", `${r.phase} of ${r.phases}`],
