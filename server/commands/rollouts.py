@@ -12,8 +12,10 @@ rollout is completed (exit 0) or aborted (exit 1), or until Ctrl-C (exit 0).
 
 from __future__ import annotations
 
+import json
 import re
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -221,6 +223,23 @@ def create(
     approval: Annotated[
         bool, typer.Option("--approval", help="Each phase but the last waits for 'approve'.")
     ] = False,
+    max_failure_rate: Annotated[
+        float | None,
+        typer.Option(
+            help="Activation gate: the share of a phase's devices that may fail (0 = none)."
+        ),
+    ] = None,
+    gates: Annotated[
+        str | None,
+        typer.Option(
+            help="Health gates as JSON or @FILE, e.g. '{\"max_error_rate\": 0.02}' "
+            "(see the API's HealthThresholds); unset fields keep their defaults."
+        ),
+    ] = None,
+    max_attempts: Annotated[
+        int | None,
+        typer.Option(help="Times a device that failed the update is sent it (1 = no retry)."),
+    ] = None,
     rollout_id: Annotated[
         str | None, typer.Option("--id", help="Rollout id (default: <model>-v<version>-<random>).")
     ] = None,
@@ -239,7 +258,18 @@ def create(
         fail(f"--on-breach {on_breach!r}: use pause or abort", code=2)
     if rate is not None and rate < 1:
         fail("--rate must be at least 1 device per minute", code=2)
+    if max_failure_rate is not None and not 0 <= max_failure_rate <= 1:
+        fail("--max-failure-rate must be between 0 and 1", code=2)
+    if max_attempts is not None and max_attempts < 1:
+        fail("--max-attempts must be at least 1", code=2)
     body: dict[str, Any] = {"group": group, "phases": phases, "approval": approval}
+    thresholds = _json_option(gates, option="--gates") if gates is not None else {}
+    if max_failure_rate is not None:
+        thresholds["max_activation_failure_rate"] = max_failure_rate
+    if thresholds:
+        body["gates"] = thresholds
+    if max_attempts is not None:
+        body["retry"] = {"max_attempts": max_attempts}
     if agent_version is not None:
         body["agent_version"] = agent_version
     else:
@@ -269,6 +299,23 @@ def create(
         + (f"; {len(r['excluded'])} excluded" if r["excluded"] else "")
     )
     console.print(f"  follow it: edgefleet rollouts watch {r['id']}")
+
+
+def _json_option(text: str, *, option: str) -> dict[str, Any]:
+    """A JSON object given inline or as @FILE; exits naming the option when it is not one."""
+    source = text
+    if text.startswith("@"):
+        try:
+            source = Path(text[1:]).read_text(encoding="utf-8")
+        except OSError as e:
+            fail(f"{option}: cannot read {text[1:]}: {e.strerror or e}", code=2)
+    try:
+        value = json.loads(source)
+    except json.JSONDecodeError as e:
+        fail(f"{option}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})", code=2)
+    if not isinstance(value, dict):
+        fail(f"{option}: give a JSON object, e.g. '{{\"max_error_rate\": 0.02}}'", code=2)
+    return value
 
 
 @app.command("list")

@@ -275,9 +275,15 @@ def test_the_cli_creates_lists_shows_steers_and_pins(
             "rollouts", "create", "--model", MODEL, "--version", "1", "--group", "line",
             "--phases", "1dev,100", "--wait", "1h30m", "--rate", "10", "--timeout", "15m",
             "--on-breach", "abort", "--approval", "--id", "cli-1", "--json",
+            "--gates", '{"max_error_rate": 0.02, "min_outcomes": 2}', "--max-failure-rate", "0",
+            "--max-attempts", "1",
         ]  # fmt: skip
         created = json.loads(cli(*create))
         spec = created["spec"]
+        gates = spec["gates"]
+        assert (gates["max_error_rate"], gates["min_outcomes"]) == (0.02, 2)
+        assert gates["max_activation_failure_rate"] == 0
+        assert spec["retry"]["max_attempts"] == 1
         assert (spec["wait_between_phases"], spec["device_timeout"]) == ("PT1H30M", "PT15M")
         assert spec["max_devices_per_minute"] == 10 and spec["on_breach"] == "abort"
         assert [p["approval_required"] for p in spec["phases"]] == [True, False]
@@ -304,6 +310,12 @@ def test_the_cli_creates_lists_shows_steers_and_pins(
         ]  # fmt: skip
         bad = runner.invoke(edgefleet, bad_wait)
         assert bad.exit_code == 2 and "--wait 'soon'" in bad.output
+        bad_gates = [*bad_wait[:-4], "--gates", "{max_error_rate: 1}", "--server", url]
+        bad = runner.invoke(edgefleet, bad_gates)
+        assert bad.exit_code == 2 and "--gates: not valid JSON" in bad.output
+        unknown_gate = [*bad_wait[:-4], "--gates", '{"max_eror_rate": 1}', "--server", url]
+        bad = runner.invoke(edgefleet, unknown_gate)
+        assert bad.exit_code != 0 and "max_eror_rate" in bad.output
         # Pins live under `edgefleet devices`.
         assert "pinned to digits v1" in cli(
             "devices", "pin", "d1", "--model", MODEL, "--version", "1"
