@@ -100,6 +100,24 @@ AgentVersion = Annotated[
 
 AGENT_WHEEL_MEDIA_TYPE = "application/vnd.edgefleet.agent+wheel"
 
+
+class _OmitsAbsent(ContractModel):
+    """A part whose optional fields named in ``OMIT_WHEN_ABSENT`` are left out of the
+    payload when they are ``None``: fields added after a message first shipped, so the
+    payloads that don't use them stay byte for byte what they were before."""
+
+    OMIT_WHEN_ABSENT: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_absent(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if isinstance(data, dict):
+            for name in self.OMIT_WHEN_ABSENT:
+                if name in data and data[name] is None:
+                    del data[name]
+        return data
+
+
 # ----------------------------------------------------------------------------- trust documents
 
 
@@ -212,7 +230,7 @@ class InstallWindow(ContractModel):
         return f"{self.start}-{self.end} UTC"
 
 
-class Deployment(ContractModel):
+class Deployment(_OmitsAbsent):
     """One model version the device must run, in its variant for the device's profile.
 
     With an ``install_window`` the device fetches, verifies, self-tests and stages the
@@ -223,6 +241,8 @@ class Deployment(ContractModel):
     keeps it as an unknown field and activates at once.
     """
 
+    OMIT_WHEN_ABSENT: ClassVar[tuple[str, ...]] = ("install_window",)
+
     kind: Literal["model"] = "model"
     model_name: Name
     model_version: int = Field(ge=1)
@@ -232,15 +252,8 @@ class Deployment(ContractModel):
         None, description="fetch and stage now, activate only inside this window; absent: at once"
     )
 
-    @model_serializer(mode="wrap")
-    def _omit_absent_window(self, handler: SerializerFunctionWrapHandler) -> Any:
-        data = handler(self)
-        if isinstance(data, dict) and "install_window" in data and data["install_window"] is None:
-            del data["install_window"]
-        return data
 
-
-class AgentDeployment(ContractModel):
+class AgentDeployment(_OmitsAbsent):
     """The version of the agent itself the device must run.
 
     The artifact is a pure-Python wheel of the ``edgefleet`` distribution
@@ -249,6 +262,8 @@ class AgentDeployment(ContractModel):
     atomically, and goes back by itself if the new version has not reported healthy
     within ``health_timeout_s``. With an ``install_window`` the switch waits for it.
     """
+
+    OMIT_WHEN_ABSENT: ClassVar[tuple[str, ...]] = ("install_window",)
 
     kind: Literal["agent"] = "agent"
     version: AgentVersion
@@ -260,15 +275,8 @@ class AgentDeployment(ContractModel):
         None, description="fetch and install now, switch only inside this window; absent: at once"
     )
 
-    @model_serializer(mode="wrap")
-    def _omit_absent_window(self, handler: SerializerFunctionWrapHandler) -> Any:
-        data = handler(self)
-        if isinstance(data, dict) and "install_window" in data and data["install_window"] is None:
-            del data["install_window"]
-        return data
 
-
-class DesiredState(Message):
+class DesiredState(Message, _OmitsAbsent):
     """What one device should run. Signed by an online key; latest wins.
 
     ``agent`` names the agent version to run; absent, the device keeps the one it has.
@@ -278,6 +286,7 @@ class DesiredState(Message):
 
     SCHEMA: ClassVar[str] = "ef.desired-state"
     MAX_BYTES: ClassVar[int] = 32 * 1024
+    OMIT_WHEN_ABSENT: ClassVar[tuple[str, ...]] = ("agent",)
 
     device_id: DeviceId
     manifest_version: int = Field(ge=1, description="strictly increasing per device")
@@ -286,13 +295,6 @@ class DesiredState(Message):
     rollout_id: Name | None = None
     deployments: list[Deployment] = Field(default_factory=list, max_length=32)
     agent: AgentDeployment | None = Field(None, description="the agent version to run")
-
-    @model_serializer(mode="wrap")
-    def _omit_absent_agent(self, handler: SerializerFunctionWrapHandler) -> Any:
-        data = handler(self)
-        if isinstance(data, dict) and "agent" in data and data["agent"] is None:
-            del data["agent"]
-        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> DesiredState:
@@ -365,11 +367,12 @@ class AgentUpdateResult(ContractModel):
     at: AwareDatetime
 
 
-class DeviceState(Message):
+class DeviceState(Message, _OmitsAbsent):
     """What the device runs now (retained)."""
 
     SCHEMA: ClassVar[str] = "ef.device-state"
     MAX_BYTES: ClassVar[int] = 32 * 1024
+    OMIT_WHEN_ABSENT: ClassVar[tuple[str, ...]] = ("agent_update",)
 
     device_id: DeviceId
     agent_version: str = Field(max_length=64)
@@ -384,13 +387,6 @@ class DeviceState(Message):
         None, description="how the latest agent update ended; absent before the first"
     )
     reported_at: AwareDatetime
-
-    @model_serializer(mode="wrap")
-    def _omit_absent_agent_update(self, handler: SerializerFunctionWrapHandler) -> Any:
-        data = handler(self)
-        if isinstance(data, dict) and "agent_update" in data and data["agent_update"] is None:
-            del data["agent_update"]
-        return data
 
 
 class PresenceStatus(StrEnum):
@@ -424,11 +420,12 @@ class EventKind(StrEnum):
     FAILED = "failed"
 
 
-class Event(Message):
+class Event(Message, _OmitsAbsent):
     """One step of an update's life on a device."""
 
     SCHEMA: ClassVar[str] = "ef.event"
     MAX_BYTES: ClassVar[int] = 8 * 1024
+    OMIT_WHEN_ABSENT: ClassVar[tuple[str, ...]] = ("agent_version",)
 
     device_id: DeviceId
     event_id: str = Field(pattern=r"^[0-9a-f]{32}$", description="uuid4 hex, for de-duplication")
@@ -444,13 +441,6 @@ class Event(Message):
     agent_version: AgentVersion | None = Field(
         None, description="set on the events of an agent update: the version being installed"
     )
-
-    @model_serializer(mode="wrap")
-    def _omit_absent_agent_version(self, handler: SerializerFunctionWrapHandler) -> Any:
-        data = handler(self)
-        if isinstance(data, dict) and "agent_version" in data and data["agent_version"] is None:
-            del data["agent_version"]
-        return data
 
 
 class LatencyHistogram(ContractModel):
