@@ -81,11 +81,17 @@ def test_rollout_bench_quick_delivers_every_byte_once() -> None:
 @pytest.mark.broker
 def test_load_bench_quick_loses_no_report_and_writes_its_figures(tmp_path: Path) -> None:
     """Simulated devices report every second into a real server with two ingest workers:
-    sent must equal ingested; the figures also go to the JSON the suite reads."""
+    sent must equal ingested, nothing stored that was not sent, and the run says whether the
+    simulator kept its schedule; the figures also go to the JSON the suite reads."""
     out = run("load.py", "--results", str(tmp_path / "load.json"))
     table = rows(out)
     assert table["reports sent − ingested (lost)"][-1] == "pass", out
     assert table["reports dropped by ingestion (malformed, unknown device, …)"][-1] == "pass"
+    assert table["reports stored that no device sent"][-1] == "pass", out
+    # a simulator that fell behind its schedule can never pass for the load asked for
+    pace = table["reports sent / due (the simulator's pace)"]
+    assert pace[-1] == ("pass" if float(pace[2]) >= 0.99 else "short"), out
+    assert ("SHORT RUN" in out) == (pace[-1] == "short"), out
     for figure in ("ingestion lag p99", "server RSS start / middle / end (server + workers)"):
         assert figure in table, out
     written = json.loads((tmp_path / "load.json").read_text())

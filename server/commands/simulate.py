@@ -3,7 +3,15 @@
 The devices enroll through the API (a provisioning token for the group is created when
 none is given), connect to the broker with their own credentials, follow their signed
 desired states (fetching artifacts by blocks, verifying them) and send telemetry with
-real drift sketches -- shifted by ``--drift`` for the features it names.
+real drift sketches -- shifted by ``--drift`` for the features it names, and for a share
+of the fleet by ``--drift-group`` (``0.3:p5=2,p6=-1``: the next 30 % of the devices, by
+index, drift ``p5`` by 2 and ``p6`` by -1 standard deviations). With drift groups every
+device carries the tag ``drift_group`` (``none``, ``1``, ``2``, ...), so the server's
+drift view can be asked per group.
+
+All devices run in this one process, on one thread (:mod:`server.simulator.fleet`);
+a report costs the simulator tens of microseconds, so a thousand devices reporting
+every second take a fraction of a core.
 """
 
 from __future__ import annotations
@@ -37,9 +45,43 @@ def _pairs(values: list[str], what: str) -> dict[str, str]:
     return pairs
 
 
+def _drift_groups(specs: list[str], devices: int) -> list[tuple[str, dict[str, float]]]:
+    """The drift group (its number, its shifts) of the first devices by index, from
+    ``SHARE:FEATURE=SHIFT[,FEATURE=SHIFT...]`` specs; devices past them are in none."""
+    by_device: list[tuple[str, dict[str, float]]] = []
+    for number, spec in enumerate(specs, start=1):
+        share_text, sep, rest = spec.partition(":")
+        try:
+            share = float(share_text)
+        except ValueError:
+            share = -1.0
+        if not sep or not 0 < share <= 1:
+            fail(f"--drift-group {spec!r}: expected SHARE:FEATURE=SHIFT, 0 < SHARE <= 1", code=2)
+        shifts = {}
+        for name, value in _pairs([p for p in rest.split(",") if p], "--drift-group").items():
+            try:
+                shifts[name] = float(value)
+            except ValueError:
+                fail(f"--drift-group {spec!r}: the shift of {name} must be a number", code=2)
+        if not shifts:
+            fail(f"--drift-group {spec!r}: name at least one FEATURE=SHIFT", code=2)
+        by_device += [(str(number), shifts)] * round(share * devices)
+    if len(by_device) > devices:
+        fail("--drift-group: the shares add up to more than the whole fleet", code=2)
+    return by_device
+
+
 def _stats_table(stats: object, elapsed: float) -> Table:
     table = Table(title=f"simulated fleet, {elapsed:.0f} s", show_header=False)
-    for name in ("devices", "connected", "installs", "rejections", "telemetry_sent"):
+    for name in (
+        "devices",
+        "connected",
+        "installs",
+        "rejections",
+        "telemetry_sent",
+        "telemetry_acked",
+        "telemetry_skipped",
+    ):
         table.add_row(name.replace("_", " "), str(getattr(stats, name)))
     versions = getattr(stats, "active_versions", {})
     table.add_row("running", ", ".join(f"{k}: {v}" for k, v in sorted(versions.items())) or "-")
@@ -70,6 +112,13 @@ def simulate(
         list[str] | None,
         typer.Option(help="FEATURE=SHIFT in standard deviations (repeatable)."),
     ] = None,
+    drift_group: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="SHARE:FEATURE=SHIFT[,FEATURE=SHIFT...]: the next SHARE of the devices drift "
+            "so (repeatable; devices are tagged drift_group=1, 2, ...).",
+        ),
+    ] = None,
     latency_ms: Annotated[float, typer.Option(help="Median inference latency.")] = 8.0,
     error_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Failing share.")] = 0.0,
     tag: Annotated[list[str] | None, typer.Option(help="KEY=VALUE tag (repeatable).")] = None,
@@ -93,6 +142,14 @@ def simulate(
         except ValueError:
             fail(f"--drift {name}={value}: the shift must be a number", code=2)
     tags = _pairs(tag or [], "--tag")
+    groups = _drift_groups(drift_group or [], devices)
+
+    def group_of(index: int) -> tuple[str, dict[str, float]]:
+        return groups[index] if index < len(groups) else ("none", {})
+
+    def device_tags(index: int) -> dict[str, str]:
+        return {**tags, "drift_group": group_of(index)[0]} if groups else tags
+
     try:
         device_profile = get_profile(profile)
     except ServerError as e:
@@ -125,7 +182,7 @@ def simulate(
                 token=token,
                 device_ids=ids,
                 profile=device_profile,
-                tags=tags,
+                tags=device_tags,
                 progress=lambda n: progress.update(task, completed=n),
             )
     broker_url = broker or enrolled[0].broker_url
@@ -135,7 +192,10 @@ def simulate(
     if parsed.scheme not in ("mqtt", "tcp") or not parsed.hostname:
         fail(f"--broker {broker_url!r}: expected mqtt://HOST:PORT (TLS is not simulated)", code=2)
     root = VerifyKey.from_base64(enrolled[0].root_public_key)
-    behaviour = Behaviour(latency_ms=latency_ms, error_rate=error_rate, drift=shifts)
+    behaviours = {
+        name: Behaviour(latency_ms=latency_ms, error_rate=error_rate, drift={**shifts, **extra})
+        for name, extra in [("none", {}), *dict(groups).items()]
+    }
     passwords = {e.device_id: (e.username, e.password) for e in enrolled}
     fleet = FleetSimulator(
         [
@@ -145,10 +205,10 @@ def simulate(
                 runtime=(device_profile.runtime.name, device_profile.runtime.version),
                 arch=device_profile.arch,
                 root_keys=[root],
-                behaviour=behaviour,
+                behaviour=behaviours[group_of(index)[0]],
                 wall_clock=lambda: datetime.now(UTC),
             )
-            for e in enrolled
+            for index, e in enumerate(enrolled)
         ],
         host=parsed.hostname,
         port=parsed.port or 1883,

@@ -14,7 +14,11 @@ over a real broker. What is real, so that the server cannot tell it from an agen
   verified (length, sha256, signature, model/version/target) before "activation";
 - telemetry windows carry real drift sketches: rows are drawn from the bundle's own
   drift reference (its training histogram), shifted by :attr:`Behaviour.drift` for
-  the features it names, and counted with :class:`shared.drift.DriftAccumulator`.
+  the features it names, and counted over the reference's bins exactly as
+  :class:`shared.drift.DriftAccumulator` counts them. So that a report costs tens of
+  microseconds, rows are drawn once per reference and drift, and a bounded number of
+  encoded sketches per window size is kept and then reused at random; latencies and
+  errors are drawn for every window (:mod:`server.simulator.windows`).
 
 What is simulated: inference (no model runs -- predicted classes follow the reference's
 prediction distribution, latencies a log-normal around :attr:`Behaviour.latency_ms`),
@@ -34,7 +38,6 @@ the object.
 from __future__ import annotations
 
 import hashlib
-import math
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -44,21 +47,17 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from agent.updater import plan_update
+from server.simulator.windows import WindowMaker, encode_report
 from shared.bundle import BundleManifest, check_target, read_bundle
-from shared.drift import DriftAccumulator, DriftReference, FeatureReference
 from shared.errors import ContractError, RejectReason
-from shared.latency import latency_counts
 from shared.messages import (
     BlockRequest,
     Deployment,
     DeviceState,
     Event,
     EventKind,
-    LatencyHistogram,
-    ModelWindow,
     Presence,
     PresenceStatus,
-    Resources,
     RunningModel,
     RuntimeInfo,
     TelemetryReport,
@@ -73,6 +72,9 @@ from shared.trust import TrustState
 __all__ = ["Behaviour", "Outgoing", "SimulatedDevice"]
 
 AGENT_VERSION = "sim-1"
+
+# Report layouts whose first report was parsed back as a TelemetryReport in this process.
+_CHECKED_LAYOUTS: set[tuple[object, ...]] = set()
 
 
 class Outgoing(NamedTuple):
@@ -123,54 +125,7 @@ class _Active:
     manifest: BundleManifest
     activated_at: datetime
     previous_version: int | None
-    sampler: _RowSampler | None
-    accumulator: DriftAccumulator | None
-
-
-class _RowSampler:
-    """Draws feature rows from a drift reference's training histograms (vectorised per feature)."""
-
-    def __init__(
-        self, reference: DriftReference, drift: Mapping[str, float], rng: np.random.Generator
-    ) -> None:
-        self._rng = rng
-        self._features = [self._prepare(f, drift.get(f.name, 0.0)) for f in reference.features]
-        predictions = reference.predictions
-        self.class_probabilities: np.ndarray | None = None
-        if predictions is not None and predictions.class_counts:
-            counts = np.asarray(predictions.class_counts, dtype=np.float64) + 0.5
-            self.class_probabilities = counts / counts.sum()
-        self.value = (
-            None
-            if predictions is None or predictions.value is None
-            else self._prepare(predictions.value, 0.0)
-        )
-
-    @staticmethod
-    def _prepare(feature: FeatureReference, shift: float) -> tuple[np.ndarray, np.ndarray, float]:
-        edges = np.asarray(feature.edges, dtype=np.float64)
-        # counts layout: [under, bins..., over, nan]; fold under/over into the outer bins
-        counts = np.asarray(feature.counts[1:-2], dtype=np.float64)
-        counts[0] += feature.counts[0]
-        counts[-1] += feature.counts[-2]
-        total = counts.sum()
-        cdf = np.cumsum(counts) / total if total > 0 else np.linspace(0, 1, len(counts) + 1)[1:]
-        spread = feature.moments.std if feature.moments.n > 1 else 0.0
-        if not math.isfinite(spread) or spread <= 0:
-            spread = float(edges[-1] - edges[0]) / 4 or 1.0
-        return edges, cdf, shift * spread
-
-    def _draw(self, prepared: tuple[np.ndarray, np.ndarray, float], n: int) -> np.ndarray:
-        edges, cdf, offset = prepared
-        bins = np.minimum(np.searchsorted(cdf, self._rng.random(n), side="right"), len(cdf) - 1)
-        low, high = edges[bins], edges[np.minimum(bins + 1, len(edges) - 1)]
-        return low + (high - low) * self._rng.random(n) + offset
-
-    def rows(self, n: int) -> np.ndarray:
-        return np.stack([self._draw(f, n) for f in self._features], axis=1)
-
-    def values(self, n: int) -> np.ndarray | None:
-        return None if self.value is None else self._draw(self.value, n)
+    maker: WindowMaker
 
 
 class SimulatedDevice:
@@ -213,6 +168,7 @@ class SimulatedDevice:
         self._requested_offset = 0
         self._seq = 0
         self._window_start = wall_clock()
+        self._telemetry_topic = device_topic(device_id, Channel.TELEMETRY)
         self.bytes_received = 0
         self.requests_sent = 0
         self.installs = 0
@@ -342,20 +298,18 @@ class SimulatedDevice:
     def telemetry(self, inferences: int) -> Outgoing:
         """Close a window in which each active model served ``inferences`` requests."""
         end = self._now()
-        windows = []
-        for _, active in sorted(self.active.items()):
-            windows.append(self._window(active, inferences))
-        report = TelemetryReport(
-            device_id=self.device_id,
-            seq=self._seq,
-            window_start=self._window_start,
-            window_end=end,
-            models=windows,
-            resources=Resources(rss_bytes=60 * 2**20, cpu_seconds=1.0),
-        )
+        behaviour = self.behaviour  # read at each report: a test may change it
+        models = [
+            a.maker.window(inferences, self._rng, behaviour) for _, a in sorted(self.active.items())
+        ]
+        raw = encode_report(self.device_id, self._seq, self._window_start, end, models)
+        layout = tuple(a.maker.layout for _, a in sorted(self.active.items()))
+        if layout not in _CHECKED_LAYOUTS:  # once per process and layout: see windows.py
+            TelemetryReport.from_bytes(raw)
+            _CHECKED_LAYOUTS.add(layout)
         self._seq += 1
         self._window_start = end
-        return Outgoing(self.topic(Channel.TELEMETRY), report.to_bytes(), 1, False)
+        return Outgoing(self._telemetry_topic, raw, 1, False)
 
     # ------------------------------------------------------------------ internals
 
@@ -436,10 +390,7 @@ class SimulatedDevice:
             manifest=manifest,
             activated_at=self._now(),
             previous_version=None if previous is None else previous.deployment.model_version,
-            sampler=None
-            if reference is None
-            else _RowSampler(reference, self.behaviour.drift, self._rng),
-            accumulator=None if reference is None else DriftAccumulator(reference),
+            maker=WindowMaker(deployment, reference),
         )
         self.installs += 1
         self.last_update = self._result(UpdateOutcome.ACTIVATED, None, None)
@@ -458,50 +409,6 @@ class SimulatedDevice:
             self._event(EventKind.REJECTED, deployment, reason=reason, detail=detail[:1000]),
             self._state(),
         ]
-
-    def _window(self, active: _Active, inferences: int) -> ModelWindow:
-        behaviour = self.behaviour
-        errors = int(self._rng.binomial(inferences, behaviour.error_rate)) if inferences else 0
-        served = inferences - errors
-        latencies = self._rng.lognormal(math.log(behaviour.latency_ms), 0.25, size=served)
-        drift = None
-        if active.sampler is not None and active.accumulator is not None:
-            accumulator = active.accumulator
-            accumulator.reset()
-            if served:
-                rows = active.sampler.rows(served)
-                probabilities = self._probabilities(active.sampler, served)
-                accumulator.update(
-                    rows,
-                    probabilities=probabilities,
-                    predicted_values=active.sampler.values(served),
-                )
-            drift = accumulator.sketch()
-        return ModelWindow(
-            model_name=active.deployment.model_name,
-            model_version=active.deployment.model_version,
-            target=active.deployment.target,
-            inferences=served,  # as the agent counts: served rows; errors apart
-            errors=errors,
-            latency_ms=LatencyHistogram(counts=latency_counts(latencies).tolist()),
-            drift=drift,
-        )
-
-    def _probabilities(self, sampler: _RowSampler, n: int) -> np.ndarray | None:
-        classes = sampler.class_probabilities
-        if classes is None:
-            return None
-        k = len(classes)
-        if k < 2:
-            return np.ones((n, 1))
-        predicted = self._rng.choice(k, size=n, p=classes)
-        mean = min(max(self.behaviour.confidence, 1.0 / k + 1e-3), 0.999)
-        concentration = 20.0
-        top = self._rng.beta(mean * concentration, (1 - mean) * concentration, size=n)
-        top = np.clip(top, 1.0 / k, 1.0)
-        probabilities = np.repeat(((1.0 - top) / (k - 1))[:, None], k, axis=1)
-        probabilities[np.arange(n), predicted] = top
-        return probabilities
 
     def _state(self) -> Outgoing:
         models = [
