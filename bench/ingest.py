@@ -25,10 +25,13 @@ its first message (or first commit) to its last, startup excluded. The ingestion
 is then checked: every report stored exactly once, the rollups' inference count equal
 to the reports' sum.
 
-Also printed for reference: ``store_reports`` alone (one process, reports parsed in
-memory, no broker; its preparation included) and ``parse_report`` alone, on the same
-reports. On SQLite the workers' transactions run one at a time (SQLite has one
-writer); what ``prepare_reports`` does runs before the transaction, in parallel.
+Both figures are wall-clock rates, so they move with whatever else runs on the machine;
+beside them, the CPU each consumer spent per report over the same stretch (the workers'
+processes, all threads, from ``/proc``; the bare subscriber's process), which does not.
+Also printed for reference, per CPU second of one process: ``parse_report`` alone and
+``store_reports`` alone on what it parsed (its preparation included, no broker). On
+SQLite the workers' transactions run one at a time (SQLite has one writer); what
+``prepare_reports`` and the parsing do runs before the transaction, in parallel.
 
     python bench/ingest.py [--quick] [--reports N] [--devices D] [--workers W]
                            [--batch-size B] [--db postgresql+psycopg://...]
@@ -201,17 +204,20 @@ class BareSubscriber:
         client.disconnect()
         client.loop_stop()
 
-    def drain(self, timeout: float) -> float:
-        """Messages per second from the first to the last."""
+    def drain(self, timeout: float) -> tuple[float, float]:
+        """Messages per second from the first to the last, and CPU seconds per message
+        (this process's, while draining: paho's thread does the work)."""
         client = self._client()
         client.connect("127.0.0.1", self.port)
+        started = time.process_time()
         client.loop_start()
         finished = self.done.wait(timeout)
+        cpu = time.process_time() - started
         client.disconnect()
         client.loop_stop()
         if not finished or self.first is None or self.last is None:
             raise SystemExit(f"the baseline received {self.count} of {self.expected} reports")
-        return (self.count - 1) / max(self.last - self.first, 1e-9)
+        return (self.count - 1) / max(self.last - self.first, 1e-9), cpu / self.count
 
 
 def stored(engine: Any) -> int:
@@ -221,19 +227,22 @@ def stored(engine: Any) -> int:
 
 def run_workers(
     specs: list[WorkerSpec], engine: Any, expected: int, timeout: float
-) -> tuple[float, IngestWorkers]:
+) -> tuple[float, float, IngestWorkers]:
     """Start the workers on their waiting backlog; reports per second from the first commit
-    to the last (the count at the first commit is not counted)."""
+    to the last (the count at the first commit is not counted), and the workers' CPU
+    seconds per report over the same stretch."""
     workers = IngestWorkers(specs)
     workers.start()
     deadline = time.monotonic() + timeout
-    first_at, first_count = None, 0
+    first_at, first_count, first_cpu = None, 0, 0.0
+    pids = [pid for pid in workers.pids().values() if pid is not None]
     try:
         while True:
             count, now = stored(engine), time.perf_counter()
             if first_at is None and count > 0:
-                first_at, first_count = now, count
+                first_at, first_count, first_cpu = now, count, cpu_seconds(pids)
             if count >= expected:
+                last_cpu = cpu_seconds(pids)
                 break
             if time.monotonic() > deadline:
                 raise SystemExit(f"ingestion stored {count} of {expected} reports in time")
@@ -241,7 +250,8 @@ def run_workers(
     finally:
         workers.stop()
     assert first_at is not None
-    return (count - first_count) / max(now - first_at, 1e-9), workers
+    done = max(count - first_count, 1)
+    return (count - first_count) / max(now - first_at, 1e-9), (last_cpu - first_cpu) / done, workers
 
 
 def subscribe_workers_and_leave(specs: list[WorkerSpec], timeout: float = 60) -> None:
@@ -262,22 +272,37 @@ def subscribe_workers_and_leave(specs: list[WorkerSpec], timeout: float = 60) ->
 # ----------------------------------------------------------------------------- reference figures
 
 
-def in_memory_figures(
-    payloads: list[tuple[str, bytes]], reports: list[TelemetryReport], url: str, n: int
-) -> tuple[float, float]:
-    started = time.perf_counter()
-    for topic, payload in payloads[:n]:
-        parse_report(topic, payload)
-    parse_rate = n / (time.perf_counter() - started)
+def in_memory_figures(payloads: list[tuple[str, bytes]], url: str, n: int) -> tuple[float, float]:
+    """``parse_report`` alone, then ``store_reports`` alone on what it parsed (batches of
+    500, the drift layouts cached as the ingestor caches them): reports per CPU second
+    of this process (the database's own CPU, on PostgreSQL, not included)."""
+    started = time.process_time()
+    parsed = [parse_report(topic, payload) for topic, payload in payloads[:n]]
+    parse_rate = n / (time.process_time() - started)
     engine = create_db_engine(url)
-    started = time.perf_counter()
+    layouts: dict[str, Any] = {}
+    started = time.process_time()
     for start in range(0, n, 500):
         with Session(engine) as session:
-            store_reports(session, reports[start : start + 500])
+            batch_layouts = dict(layouts)
+            store_reports(session, parsed[start : start + 500], layouts=batch_layouts)
             session.commit()
-    store_rate = n / (time.perf_counter() - started)
+        layouts = batch_layouts
+    store_rate = n / (time.process_time() - started)
     engine.dispose()
     return parse_rate, store_rate
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU the processes used so far (from /proc; 0 for a gone process)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def add_devices(engine: Any, n_devices: int) -> None:
@@ -348,7 +373,7 @@ def main() -> None:
     mosquitto = None
     try:
         t0 = time.perf_counter()
-        payloads, reports = build_payloads(n_reports, n_devices, start)
+        payloads, _reports = build_payloads(n_reports, n_devices, start)
         build_seconds = time.perf_counter() - t0
         size = sum(len(p) for _, p in payloads) / len(payloads)
 
@@ -377,8 +402,8 @@ def main() -> None:
         baseline.subscribe_and_leave()
         publish_seconds = publish(port, payloads)
 
-        baseline_rate = baseline.drain(timeout=300)
-        ingest_rate, workers = run_workers(specs, engine, n_reports, timeout=1800)
+        baseline_rate, baseline_cpu = baseline.drain(timeout=300)
+        ingest_rate, ingest_cpu, workers = run_workers(specs, engine, n_reports, timeout=1800)
         stats = workers.stats()
 
         # exactly once: every report stored once, and the rollups counted each once
@@ -402,7 +427,7 @@ def main() -> None:
         ref_engine = create_db_engine(ref_url)
         migrate(ref_engine)
         ref_engine.dispose()
-        parse_rate, store_rate = in_memory_figures(payloads, reports, ref_url, reference_n)
+        parse_rate, store_rate = in_memory_figures(payloads, ref_url, reference_n)
     finally:
         if mosquitto is not None:
             mosquitto.terminate()
@@ -432,6 +457,14 @@ def main() -> None:
             "pass" if ingest_rate >= 5_000 and ratio >= 0.5 else "short",
         ),
         row(
+            "CPU per report: the ingest workers (all threads) vs the bare paho subscriber",
+            f"{ingest_cpu * 1e6:,.0f} µs",
+            f"{baseline_cpu * 1e6:,.0f} µs",
+            f"{ingest_cpu / max(baseline_cpu, 1e-9):.1f}",
+            "—",
+            "info",
+        ),
+        row(
             "split between the workers (messages received)",
             " / ".join(f"{received[i]:,}" for i in sorted(received)),
             "",
@@ -448,7 +481,7 @@ def main() -> None:
             "pass" if exactly_once else "short",
         ),
         row(
-            "store_reports alone, one process, no broker",
+            "store_reports alone, one process, no broker (per CPU second)",
             f"{store_rate:,.0f} reports/s",
             "",
             "",
@@ -456,7 +489,7 @@ def main() -> None:
             "info",
         ),
         row(
-            "TelemetryReport parse + validation alone",
+            "parse_report alone: parse + validation (per CPU second)",
             f"{parse_rate:,.0f} reports/s",
             "",
             "",

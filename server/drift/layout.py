@@ -24,7 +24,7 @@ import itertools
 import json
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -41,14 +41,18 @@ __all__ = [
     "EMPTY_MOMENT",
     "Layout",
     "LayoutError",
+    "SketchParts",
     "merge_moment_pair",
     "merge_moment_stack",
     "moments_array",
     "pack_counts",
+    "pack_counts_many",
     "pack_moments",
+    "pack_moments_many",
     "unpack_counts",
     "unpack_counts_many",
     "unpack_moments",
+    "unpack_moments_many",
 ]
 
 IntArray = npt.NDArray[np.int64]
@@ -56,6 +60,25 @@ FloatArray = npt.NDArray[np.float64]
 
 EMPTY_MOMENT = (0.0, 0.0, 0.0, np.inf, -np.inf)
 """``(n, mean, m2, min, max)`` of no values: min and max start where any value beats them."""
+
+
+class SketchParts(Protocol):
+    """A drift sketch's numbers as arrays (:class:`server.ingest.reports.SketchArrays`)."""
+
+    @property
+    def features(self) -> tuple[tuple[str, int], ...]: ...
+    @property
+    def counts(self) -> IntArray: ...
+    @property
+    def moments(self) -> FloatArray: ...
+    @property
+    def class_counts(self) -> IntArray | None: ...
+    @property
+    def confidence_counts(self) -> IntArray | None: ...
+    @property
+    def value_counts(self) -> IntArray | None: ...
+    @property
+    def value_moments(self) -> tuple[float, float, float, float, float] | None: ...
 
 
 class LayoutError(ValueError):
@@ -231,9 +254,53 @@ class Layout:
                         f"a prediction part has {len(part)} counts, the layout "
                         f"{where.stop - where.start}"
                     )
+                if part and min(part) < 0:  # the contract lets class counts go negative
+                    raise LayoutError("a prediction part has a negative count")
                 counts[where] = part
             if p.value is not None and self.value_slots is not None:
                 moments[-1] = _moment_row(p.value.moments)
+        return counts, moments
+
+    def flatten_arrays(self, sketch: SketchParts) -> tuple[IntArray, FloatArray]:
+        """:meth:`flatten` of a sketch already turned into arrays (ingestion's fast path):
+        the same result, or the same :class:`LayoutError`."""
+        features = sketch.features
+        if features != self.features:
+            if len(features) != self.n_features:
+                raise LayoutError(
+                    f"the sketch has {len(features)} features, the layout {self.n_features}"
+                )
+            for j, ((name, length), (own, slots)) in enumerate(
+                zip(features, self.features, strict=True)
+            ):
+                if (name, length) != (own, slots):
+                    raise LayoutError(
+                        f"feature {j} is {name!r} with {length} counts, "
+                        f"the layout has {own!r} with {slots}"
+                    )
+        counts = np.zeros(self.size, dtype=np.int64)
+        counts[: self.feature_size] = sketch.counts
+        moments = np.empty((self.moment_rows, 5))
+        moments[: self.n_features] = sketch.moments
+        if self.moment_rows > self.n_features:
+            moments[-1] = EMPTY_MOMENT
+        for part, where in (
+            (sketch.class_counts, self.class_slice),
+            (sketch.confidence_counts, self.confidence_slice),
+            (sketch.value_counts, self.value_slice),
+        ):
+            if part is None or where is None:
+                continue
+            if len(part) != where.stop - where.start:
+                raise LayoutError(
+                    f"a prediction part has {len(part)} counts, the layout "
+                    f"{where.stop - where.start}"
+                )
+            if part.size and part.min() < 0:
+                raise LayoutError("a prediction part has a negative count")
+            counts[where] = part
+        if sketch.value_moments is not None and self.value_slots is not None:
+            moments[-1] = sketch.value_moments
         return counts, moments
 
     def to_sketch(self, reference_id: str, counts: IntArray, moments: FloatArray) -> DriftSketch:
@@ -352,6 +419,44 @@ def pack_counts(counts: IntArray) -> bytes:
         if largest <= limit:
             return counts.astype(dtype).tobytes()
     raise LayoutError("a count does not fit in 64 bits")  # pragma: no cover - int64 input
+
+
+def pack_counts_many(counts: IntArray) -> list[bytes]:
+    """:func:`pack_counts` of each row of a ``(rows, size)`` array, a width at a time."""
+    rows = counts.shape[0]
+    if rows == 0:
+        return []
+    if counts.size and counts.min() < 0:
+        raise LayoutError("counts must not be negative")
+    largest = counts.max(axis=1) if counts.shape[1] else np.zeros(rows, dtype=np.int64)
+    out: list[bytes] = [b""] * rows
+    todo = np.ones(rows, dtype=bool)
+    for _, dtype, limit in _WIDTHS:
+        fits = todo & (largest <= limit)
+        if fits.any():
+            at = np.flatnonzero(fits)
+            packed = counts[at].astype(dtype)
+            for i, row in zip(at.tolist(), packed, strict=True):
+                out[i] = row.tobytes()
+            todo &= ~fits
+    return out
+
+
+def pack_moments_many(moments: FloatArray) -> list[bytes]:
+    """:func:`pack_moments` of each ``(m, 5)`` block of a ``(rows, m, 5)`` array."""
+    packed = np.ascontiguousarray(moments, dtype="<f8")
+    return [block.tobytes() for block in packed]
+
+
+def unpack_moments_many(blobs: list[bytes], rows: int) -> FloatArray:
+    """``(len(blobs), rows, 5)`` moments; each blob as :func:`unpack_moments` checks it."""
+    for blob in blobs:
+        if len(blob) != 8 * 5 * rows:
+            raise LayoutError(f"a moments blob of {len(blob)} bytes does not hold {rows} rows")
+    if not blobs:
+        return np.zeros((0, rows, 5))
+    joined = np.frombuffer(b"".join(blobs), dtype="<f8").reshape(len(blobs), rows, 5)
+    return joined.astype(np.float64)
 
 
 def _dtype_for(blob_length: int, size: int) -> str:

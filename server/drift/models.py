@@ -1,7 +1,7 @@
 """Drift rollups (SQLModel tables; the schema is owned by migration ``0006``).
 
 ``drift_rollups`` holds, per device, the sum of everything the device reported for one
-model version in one time bucket (an hour or a day): windows, inferences, errors, the
+model version in one time bucket (an hour, six hours or a day): windows, inferences, errors, the
 latency histogram and -- for windows that carried a drift sketch -- the drift counts
 and moments. ``drift_fleet_rollups`` holds the same sums over every device, one row
 per (model version, bucket). ``drift_layouts`` records the layout of each drift
@@ -13,7 +13,8 @@ What always holds:
   those reports' moments merged with Chan's formula. Blobs are packed by
   :mod:`server.drift.packing`: counts in the layout recorded in ``drift_layouts`` for
   the row's ``reference_id`` (``""``: windows without a sketch, so no counts).
-- A window belongs to the hour and the day (UTC) in which it *started*.
+- A window belongs to the hour, the 6-hour block (00, 06, 12, 18 h) and the day (UTC)
+  in which it *started*.
 - Every report adds to each tier exactly once (see :mod:`server.drift.rollups`), and
   nothing older than a tier's retention mark is ever added to it again.
 """
@@ -39,7 +40,7 @@ class DriftRollup(SQLModel, table=True):
     model_name: str = Field(primary_key=True, max_length=128)
     model_version: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
     reference_id: str = Field(primary_key=True, max_length=64)
-    period: str = Field(primary_key=True, max_length=8, description="hour or day")
+    period: str = Field(primary_key=True, max_length=8, description="hour, 6h or day")
     bucket_start: datetime = Field(sa_column=Column(UTCDateTime, primary_key=True))
     device_id: str = Field(primary_key=True, max_length=64)
     windows: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
@@ -59,7 +60,7 @@ class DriftFleetRollup(SQLModel, table=True):
     model_name: str = Field(primary_key=True, max_length=128)
     model_version: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
     reference_id: str = Field(primary_key=True, max_length=64)
-    period: str = Field(primary_key=True, max_length=8, description="hour or day")
+    period: str = Field(primary_key=True, max_length=8, description="hour, 6h or day")
     bucket_start: datetime = Field(sa_column=Column(UTCDateTime, primary_key=True))
     windows: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
     inferences: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))

@@ -2,7 +2,8 @@
 
 Three tiers, each with its own age limit (``EDGEFLEET_DRIFT_RETENTION_DAYS``):
 ``raw`` (``telemetry_reports`` and ``model_windows``, by ``window_end``), ``hour`` and
-``day`` (the device and fleet rollups of that period, by ``bucket_start``).
+``day`` (the device and fleet rollups of that period, by ``bucket_start``; the 6-hour
+rollups go with the hour tier).
 :func:`purge_expired` deletes what is older than each tier's horizon;
 :class:`RetentionJob` runs it periodically on a thread.
 
@@ -91,6 +92,7 @@ class PurgeResult:
     reports: int
     windows: int
     hour_rows: int
+    """Hour and 6-hour rows deleted."""
     day_rows: int
 
 
@@ -122,13 +124,13 @@ def purge_expired(session: Session, *, policy: RetentionPolicy, now: datetime) -
     windows_table: Table = ModelWindowRecord.__table__  # type: ignore[attr-defined]
     reports = removed(reports_table, reports_table.c.window_end < marks["raw"])
     windows = removed(windows_table, windows_table.c.window_end < marks["raw"])
-    tier_rows = {}
+    tier_rows = {"hour": 0, "day": 0}
     for period in Period:
-        tier_rows[period] = sum(
+        tier_rows[period.tier] += sum(
             removed(
                 table,
                 table.c.period == period.value,
-                table.c.bucket_start < marks[period.value],
+                table.c.bucket_start < marks[period.tier],
             )
             for table in (device_table(), fleet_table())
         )
@@ -136,8 +138,8 @@ def purge_expired(session: Session, *, policy: RetentionPolicy, now: datetime) -
         marks=marks,
         reports=reports,
         windows=windows,
-        hour_rows=tier_rows[Period.HOUR],
-        day_rows=tier_rows[Period.DAY],
+        hour_rows=tier_rows["hour"],
+        day_rows=tier_rows["day"],
     )
 
 

@@ -1,5 +1,5 @@
-"""Rollup maintenance: adding model windows to the hour and day rollups, in the caller's
-transaction.
+"""Rollup maintenance: adding model windows to the hour, 6-hour and day rollups, in the
+caller's transaction.
 
 :func:`add_windows` is called by :func:`server.ingest.telemetry.store_reports` with the
 model windows of the reports that transaction inserted -- and only those, so each
@@ -16,7 +16,8 @@ What always holds:
   (the first sketch of a reference id records it). A sketch that does not fit -- other
   features, other lengths -- is refused: its window still counts (inferences, errors,
   latency) under ``reference_id = ""``, and the refusal is logged and returned.
-- A tier never takes data older than its retention mark (those buckets are deleted).
+- A tier never takes data older than its retention mark (those buckets are deleted);
+  6-hour rows go by the hour tier's mark.
 """
 
 from __future__ import annotations
@@ -34,14 +35,15 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session
 
 from server.db import utcnow
+from server.drift import bulk
 from server.drift.layout import (
     Layout,
     LayoutError,
     merge_moment_pair,
-    pack_counts,
-    pack_moments,
-    unpack_counts,
-    unpack_moments,
+    pack_counts_many,
+    pack_moments_many,
+    unpack_counts_many,
+    unpack_moments_many,
 )
 from server.drift.models import DriftFleetRollup, DriftLayout, DriftRollup, RetentionMark
 from server.drift.timerange import Period, floor_to
@@ -65,9 +67,6 @@ log = logging.getLogger(__name__)
 
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
-
-_CHUNK = 400
-"""Rows per claiming upsert (a statement per chunk; results are matched by key)."""
 
 DEVICE_KEY = ("model_name", "model_version", "reference_id", "period", "bucket_start", "device_id")
 FLEET_KEY = DEVICE_KEY[:-1]
@@ -93,7 +92,7 @@ class WindowInput:
     window_start: datetime
     inferences: int
     errors: int
-    latency: Sequence[int]
+    latency: Sequence[int] | IntArray
     sketch: DriftSketch | None
 
 
@@ -209,7 +208,7 @@ def add_windows(
     marks: dict[str, datetime] | None = None,
     layouts: dict[str, Layout] | None = None,
 ) -> RollupResult:
-    """Add model windows to the device and fleet rollups of both tiers (see the module doc).
+    """Add model windows to the device and fleet rollups of every period (see the module doc).
 
     ``marks`` are the retention marks if the caller has read them already. ``layouts``
     is a cache of recorded layouts (reference id -> layout) that windows not flattened
@@ -252,7 +251,7 @@ def add_windows(
         item = flat.window
         for period in Period:
             bucket = floor_to(item.window_start, period)
-            mark = marks.get(period.value)
+            mark = marks.get(period.tier)
             if mark is not None and bucket < mark:
                 result.expired += 1
                 continue
@@ -285,120 +284,154 @@ def _apply(
 ) -> None:
     """Add each key's windows (``parts``: indexes into ``flats``) to its row, in two upserts.
 
-    The first inserts the rows that do not exist yet -- marked by a negative ``windows``
-    -- and, for those that do, locks them and returns what they hold (its conflict
-    update changes nothing); the second writes every row's new sums. Both find rows by
-    the primary key's conflict check, not by a query plan, so a fresh table whose
-    statistics are stale cannot send them scanning. Keys go in sorted order (one lock
-    order for every writer); a row another writer inserts meanwhile is a conflict like
-    any other: we wait for its transaction and add to what it committed.
+    The first inserts the rows that do not exist yet -- placeholders marked by a
+    negative ``windows`` -- and, for those that do, locks them and returns what they
+    hold (its conflict update changes nothing); the second writes every row's new sums.
+    Both find rows by the primary key's conflict check, not by a query plan, so a fresh
+    table whose statistics are stale cannot send them scanning. Keys go in sorted order
+    (one lock order for every writer); a row another writer inserts meanwhile is a
+    conflict like any other: we wait for its transaction and add to what it committed.
+    A placeholder is never seen by anyone else: the second upsert overwrites it in the
+    same transaction.
     """
     if not parts:
         return
     keys = sorted(parts)
-    ours = _columns(keys, parts, flats, {}, layouts)
-    key_columns = [table.c[name] for name in key_names]
-    claim = (
-        _insert(session, table)
-        .on_conflict_do_update(index_elements=list(key_names), set_={"windows": table.c.windows})
-        .returning(*key_columns, *(table.c[name] for name in _SUM_COLUMNS))
+    claimed = bulk.insert_returning(
+        session,
+        table,
+        [*key_names, "windows", "inferences", "errors", "latency"],
+        [(*key, -1, 0, 0, b"") for key in keys],
+        key_names,
+        [*key_names, *_SUM_COLUMNS],
+        on_conflict=f"DO UPDATE SET windows = {table.name}.windows",
     )
-    found: dict[tuple[Any, ...], Any] = {}
-    for start in range(0, len(keys), _CHUNK):
-        rows = [
-            dict(zip(key_names, key, strict=True)) | columns | {"windows": -columns["windows"]}
-            for key, columns in zip(
-                keys[start : start + _CHUNK], ours[start : start + _CHUNK], strict=True
-            )
-        ]
-        for row in session.execute(claim, rows).mappings():
-            found[tuple(row[name] for name in key_names)] = row
-    if len(found) != len(keys):  # every row is inserted or claimed: anything else is a bug
-        raise RuntimeError(f"{table.name}: {len(keys) - len(found)} rollup rows were not claimed")
-    existing = {key: row for key, row in found.items() if row["windows"] > 0}
-    totals = dict(zip(keys, ours, strict=True))
-    if existing:
-        ordered = sorted(existing)
-        totals |= dict(
-            zip(ordered, _columns(ordered, parts, flats, existing, layouts), strict=True)
-        )
-    write = _insert(session, table)
-    write = write.on_conflict_do_update(
-        index_elements=list(key_names),
-        set_={name: write.excluded[name] for name in _SUM_COLUMNS},
+    if any(row is None for row in claimed):  # every row is inserted or claimed
+        missing = sum(row is None for row in claimed)
+        raise RuntimeError(f"{table.name}: {missing} rollup rows were not claimed")
+    width = len(key_names)
+    existing: dict[int, _Stored] = {}
+    for position, row in enumerate(claimed):
+        assert row is not None
+        if row[width] > 0:
+            existing[position] = _Stored(*row[width:])
+    totals = _columns(keys, parts, flats, existing, layouts)
+    bulk.upsert(
+        session,
+        table,
+        [*key_names, *_SUM_COLUMNS],
+        [(*key, *values) for key, values in zip(keys, totals, strict=True)],
+        key_names,
+        _SUM_COLUMNS,
     )
-    session.execute(write, [dict(zip(key_names, key, strict=True)) | totals[key] for key in keys])
+
+
+@dataclass(frozen=True, slots=True)
+class _Stored:
+    """What a rollup row held before this transaction added to it."""
+
+    windows: int
+    inferences: int
+    errors: int
+    latency: bytes
+    counts: bytes | None
+    moments: bytes | None
 
 
 def _columns(
     keys: Sequence[tuple[Any, ...]],
     parts: dict[tuple[Any, ...], list[int]],
     flats: list[FlatWindow],
-    stored: dict[tuple[Any, ...], Any],
+    stored: dict[int, _Stored],
     layouts: dict[str, Layout],
-) -> list[dict[str, Any]]:
-    """The new columns of each key's row: its windows (plus the ``stored`` row, if any)
-    added up -- counts by addition, moments by the k-way Chan update.
+) -> list[tuple[Any, ...]]:
+    """The new sums of each key's row, as ``_SUM_COLUMNS``: its windows plus the
+    ``stored`` row (by position in ``keys``), if any -- counts by addition, moments by
+    Chan's update (the k-way form among this batch's windows, then the pair form with
+    what was stored).
 
-    Every part of every row is stacked once and reduced by segments, so a batch costs
-    a handful of numpy calls per table and reference whatever its number of rows.
+    Every part of every row is stacked once and reduced by segments, and packed a
+    width at a time, so a batch costs a handful of numpy calls per table and
+    reference whatever its number of rows.
     """
-    out: list[dict[str, Any]] = []
-    latency_parts: list[IntArray] = []
+    order: list[int] = []
     lengths: list[int] = []
     for key in keys:
         indexes = parts[key]
-        row = stored.get(key)
-        inferences = errors = 0
-        for i in indexes:
-            window = flats[i].window
-            inferences += window.inferences
-            errors += window.errors
-            latency_parts.append(flats[i].latency)
-        windows = len(indexes)
-        if row is not None:
-            windows += row["windows"]
-            inferences += row["inferences"]
-            errors += row["errors"]
-            latency_parts.append(unpack_counts(row["latency"], N_LATENCY_BUCKETS))
-        lengths.append(len(indexes) + (row is not None))
-        out.append({"windows": windows, "inferences": inferences, "errors": errors})
-    for column, total in zip(out, _segment_sums(latency_parts, lengths), strict=True):
-        column["latency"] = pack_counts(total)
+        order += indexes
+        lengths.append(len(indexes))
+    windows_in = [flats[i].window for i in order]
+    windows = np.asarray(lengths, dtype=np.int64)
+    starts = _starts(lengths)
+    inferences = np.add.reduceat(
+        np.fromiter((w.inferences for w in windows_in), np.int64, len(order)), starts
+    )
+    errors = np.add.reduceat(
+        np.fromiter((w.errors for w in windows_in), np.int64, len(order)), starts
+    )
+    latency = _segment_sums([flats[i].latency for i in order], lengths)
+    old = sorted(stored)
+    if old:
+        rows = [stored[p] for p in old]
+        windows[old] += np.fromiter((r.windows for r in rows), np.int64, len(rows))
+        inferences[old] += np.fromiter((r.inferences for r in rows), np.int64, len(rows))
+        errors[old] += np.fromiter((r.errors for r in rows), np.int64, len(rows))
+        latency[old] += unpack_counts_many([r.latency for r in rows], N_LATENCY_BUCKETS)
+    latency_blobs = pack_counts_many(latency)
+    counts_blobs: list[bytes | None] = [None] * len(keys)
+    moments_blobs: list[bytes | None] = [None] * len(keys)
 
     by_reference: dict[str, list[int]] = {}
     for position, key in enumerate(keys):
-        reference_id = key[2]
-        if reference_id:
-            by_reference.setdefault(reference_id, []).append(position)
-        else:
-            out[position]["counts"] = out[position]["moments"] = None
+        if key[2]:
+            by_reference.setdefault(key[2], []).append(position)
     for reference_id, positions in by_reference.items():
         layout = layouts[reference_id]
         count_parts: list[IntArray] = []
         moment_parts: list[FloatArray] = []
-        lengths = []
+        segment_lengths = []
         for position in positions:
-            key = keys[position]
-            indexes = parts[key]
+            indexes = parts[keys[position]]
             for i in indexes:
                 flat = flats[i]
                 assert flat.counts is not None and flat.moments is not None
                 count_parts.append(flat.counts)
                 moment_parts.append(flat.moments)
-            row = stored.get(key)
-            extra = 0
-            if row is not None and row["counts"] is not None and row["moments"] is not None:
-                count_parts.append(unpack_counts(row["counts"], layout.size))
-                moment_parts.append(unpack_moments(row["moments"], layout.moment_rows))
-                extra = 1
-            lengths.append(len(indexes) + extra)
-        counts = _segment_sums(count_parts, lengths)
-        moments = _segment_moments(moment_parts, lengths)
-        for position, total, merged in zip(positions, counts, moments, strict=True):
-            out[position]["counts"] = pack_counts(total)
-            out[position]["moments"] = pack_moments(merged)
-    return out
+            segment_lengths.append(len(indexes))
+        counts = _segment_sums(count_parts, segment_lengths)
+        moments = _segment_moments(moment_parts, segment_lengths)
+        with_stored = [
+            (j, stored[p])
+            for j, p in enumerate(positions)
+            if p in stored and stored[p].counts is not None and stored[p].moments is not None
+        ]
+        if with_stored:
+            at = [j for j, _ in with_stored]
+            previous = [row for _, row in with_stored]
+            counts[at] += unpack_counts_many([row.counts for row in previous], layout.size)  # type: ignore[misc]
+            mine = moments[at]
+            theirs = unpack_moments_many([row.moments for row in previous], layout.moment_rows)  # type: ignore[misc]
+            rows_total = mine.shape[0] * mine.shape[1]
+            moments[at] = merge_moment_pair(
+                mine.reshape(rows_total, 5), theirs.reshape(rows_total, 5)
+            ).reshape(mine.shape)
+        packed_counts = pack_counts_many(counts)
+        packed_moments = pack_moments_many(moments)
+        for j, position in enumerate(positions):
+            counts_blobs[position] = packed_counts[j]
+            moments_blobs[position] = packed_moments[j]
+    return [
+        (int(w), int(n), int(e), lat, c, m)
+        for w, n, e, lat, c, m in zip(
+            windows.tolist(),
+            inferences.tolist(),
+            errors.tolist(),
+            latency_blobs,
+            counts_blobs,
+            moments_blobs,
+            strict=True,
+        )
+    ]
 
 
 def _starts(lengths: Sequence[int]) -> IntArray:

@@ -3,7 +3,10 @@
 :class:`TelemetryIngestor` subscribes to ``ef/v1/dev/+/telemetry`` -- through a shared
 subscription (``$share/<group>/…``) when several ingestors run, so reports spread over
 processes. paho's network thread only appends to a queue; a writer thread validates
-and stores them in batches. What needs no database -- parsing, the rows, the drift
+and stores them in batches. Most payloads are validated by the fast path
+(:func:`server.ingest.reports.parse_fast`: orjson and hand-written checks of the
+contract's rules); whatever it is not sure of goes through ``shared``'s model, which
+decides. What needs no database -- parsing, the rows, the drift
 sketches flattened into their layouts (:func:`prepare_reports`) -- is done before the
 batch's transaction, so on SQLite (one writer at a time, a write lock between
 workers) the workers do it in parallel.
@@ -21,6 +24,8 @@ What always holds:
   dropped, counted per device and reason in ``ingest_drops``, logged, and
   acknowledged (redelivery would not make it valid). Nothing a device sends stops the
   writer.
+- Rows are written with the bulk statements of :mod:`server.drift.bulk` (the
+  session's transaction, SQLAlchemy's own binding of every value).
 - The model windows of the reports a batch newly stored are added to the drift
   rollups (:mod:`server.drift.rollups`) in the same transaction -- so exactly once,
   too. A report older than the raw-retention mark is refused as ``expired``; a drift
@@ -36,6 +41,7 @@ What always holds:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import queue
 import threading
@@ -49,20 +55,15 @@ from typing import TYPE_CHECKING, Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import Engine, delete, select, tuple_
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session
 
 from server.db import utcnow
-from server.drift.layout import Layout
-from server.drift.rollups import (
-    FlatWindow,
-    WindowInput,
-    add_windows,
-    flatten_windows,
-    retention_marks,
-)
+from server.drift import bulk
+from server.drift.layout import Layout, LayoutError
+from server.drift.rollups import FlatWindow, WindowInput, add_windows, retention_marks
 from server.fleet.models import Device, DeviceStatus
 from server.ingest.models import IngestDrop, ModelWindowRecord, TelemetryRecord
+from server.ingest.reports import ParsedReport, ParsedWindow, parse_fast
 from shared.errors import ContractError, PayloadTooLargeError
 from shared.messages import TelemetryReport
 from shared.topics import Channel, fleet_filter, parse_topic
@@ -92,14 +93,23 @@ class IngestRejected(Exception):
         self.device_id = device_id
 
 
-def parse_report(topic: str, payload: bytes) -> TelemetryReport:
-    """Validate one telemetry payload against its topic, or raise :class:`IngestRejected`."""
+def parse_report(topic: str, payload: bytes) -> ParsedReport:
+    """Validate one telemetry payload against its topic, or raise :class:`IngestRejected`.
+
+    Most payloads take the fast path (:func:`server.ingest.reports.parse_fast`); what it
+    is not sure of is parsed by ``shared``'s :class:`~shared.messages.TelemetryReport`,
+    which decides and words every refusal.
+    """
     try:
         parsed = parse_topic(topic)
     except ContractError as e:
         raise IngestRejected("bad_topic", "?", f"{topic!r}: {e}") from e
     if parsed.channel != Channel.TELEMETRY:
         raise IngestRejected("bad_topic", parsed.device_id, f"{topic!r} is not a telemetry topic")
+    if len(payload) <= TelemetryReport.MAX_BYTES:
+        fast = parse_fast(parsed.device_id, payload)
+        if fast is not None:
+            return fast
     try:
         report = TelemetryReport.from_bytes(payload)
     except PayloadTooLargeError as e:
@@ -112,16 +122,32 @@ def parse_report(topic: str, payload: bytes) -> TelemetryReport:
             parsed.device_id,
             f"a report about {report.device_id!r} published on {parsed.device_id!r}'s topic",
         )
-    return report
+    return ParsedReport.of_report(report)
 
 
-def _insert(session: Session, table: Any, rows: list[dict[str, Any]], keys: list[str]) -> None:
-    if not rows:
-        return
-    dialect = session.get_bind().dialect.name
-    module = postgresql if dialect == "postgresql" else sqlite
-    statement = module.insert(table).on_conflict_do_nothing(index_elements=keys)
-    session.execute(statement, rows)
+_REPORT_COLUMNS = (
+    "device_id",
+    "seq",
+    "window_start",
+    "window_end",
+    "received_at",
+    "dropped_reports",
+    "rss_bytes",
+    "cpu_seconds",
+)
+_WINDOW_COLUMNS = (
+    "device_id",
+    "seq",
+    "model_name",
+    "model_version",
+    "target",
+    "window_start",
+    "window_end",
+    "inferences",
+    "errors",
+    "latency_json",
+    "drift_json",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,13 +156,44 @@ class PreparedReports:
     per ``(device_id, seq)``, the report, its ``model_windows`` rows and its model
     windows flattened for the rollups (:func:`server.drift.rollups.flatten_windows`)."""
 
-    reports: dict[tuple[str, int], TelemetryReport]
-    window_rows: dict[tuple[str, int], list[dict[str, Any]]]
+    reports: dict[tuple[str, int], ParsedReport]
+    window_rows: dict[tuple[str, int], list[tuple[Any, ...]]]
+    """Values in :data:`_WINDOW_COLUMNS` order."""
     windows: dict[tuple[str, int], list[WindowInput | FlatWindow]]
 
 
+def _rollup_window(
+    report: ParsedReport, m: ParsedWindow, layouts: Mapping[str, Layout]
+) -> WindowInput | FlatWindow:
+    """One model window ready for the rollups: flattened if its layout is known (as
+    :func:`server.drift.rollups.flatten_window` does), else with its sketch as a model."""
+    window = WindowInput(
+        device_id=report.device_id,
+        model_name=m.model_name,
+        model_version=m.model_version,
+        window_start=report.window_start,
+        inferences=m.inferences,
+        errors=m.errors,
+        latency=m.latency,
+        sketch=None,
+    )
+    arrays = m.sketch
+    if arrays is None:
+        return FlatWindow(window, m.latency, "", None, None)
+    layout = layouts.get(arrays.reference_id)
+    if layout is None:  # recorded (or read) in the transaction, then flattened there
+        return dataclasses.replace(window, sketch=arrays.sketch())
+    try:
+        counts, moments = layout.flatten_arrays(arrays)
+    except LayoutError as e:
+        return FlatWindow(window, m.latency, "", None, None, refused=str(e))
+    return FlatWindow(window, m.latency, arrays.reference_id, counts, moments)
+
+
 def prepare_reports(
-    reports: Iterable[TelemetryReport], *, layouts: Mapping[str, Layout] | None = None
+    reports: Iterable[TelemetryReport | ParsedReport],
+    *,
+    layouts: Mapping[str, Layout] | None = None,
 ) -> PreparedReports:
     """The CPU part of storing ``reports``: done before the transaction, so ingestion
     workers do it in parallel even where the database takes one writer at a time.
@@ -144,49 +201,37 @@ def prepare_reports(
     ``layouts`` are drift layouts known to be recorded; sketches of other references
     are flattened in the transaction, once their layout is recorded.
     """
-    batch = {(r.device_id, r.seq): r for r in reports}  # a duplicate within the batch, too
+    batch: dict[tuple[str, int], ParsedReport] = {}
+    for r in reports:  # a duplicate within the batch, too
+        parsed = r if isinstance(r, ParsedReport) else ParsedReport.of_report(r)
+        batch[(parsed.device_id, parsed.seq)] = parsed
     known = layouts or {}
-    window_rows: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    window_rows: dict[tuple[str, int], list[tuple[Any, ...]]] = {}
     windows: dict[tuple[str, int], list[WindowInput | FlatWindow]] = {}
     for key, r in batch.items():
         window_rows[key] = [
-            {
-                "device_id": r.device_id,
-                "seq": r.seq,
-                "model_name": m.model_name,
-                "model_version": m.model_version,
-                "target": m.target,
-                "window_start": r.window_start,
-                "window_end": r.window_end,
-                "inferences": m.inferences,
-                "errors": m.errors,
-                "latency_json": m.latency_ms.model_dump_json(),
-                "drift_json": None if m.drift is None else m.drift.model_dump_json(),
-            }
+            (
+                r.device_id,
+                r.seq,
+                m.model_name,
+                m.model_version,
+                m.target,
+                r.window_start,
+                r.window_end,
+                m.inferences,
+                m.errors,
+                m.latency_json,
+                m.drift_json,
+            )
             for m in r.models
         ]
-        windows[key] = flatten_windows(
-            (
-                WindowInput(
-                    device_id=r.device_id,
-                    model_name=m.model_name,
-                    model_version=m.model_version,
-                    window_start=r.window_start,
-                    inferences=m.inferences,
-                    errors=m.errors,
-                    latency=m.latency_ms.counts,
-                    sketch=m.drift,
-                )
-                for m in r.models
-            ),
-            known,
-        )
+        windows[key] = [_rollup_window(r, m, known) for m in r.models]
     return PreparedReports(reports=batch, window_rows=window_rows, windows=windows)
 
 
 def store_reports(
     session: Session,
-    reports: Iterable[TelemetryReport] | PreparedReports,
+    reports: Iterable[TelemetryReport | ParsedReport] | PreparedReports,
     *,
     layouts: dict[str, Layout] | None = None,
 ) -> int:
@@ -213,28 +258,28 @@ def store_reports(
         return 0
     table = TelemetryRecord.__table__  # type: ignore[attr-defined]
     received = utcnow()
-    dialect = session.get_bind().dialect.name
-    statement = (
-        (postgresql if dialect == "postgresql" else sqlite)
-        .insert(table)
-        .on_conflict_do_nothing(index_elements=["device_id", "seq"])
-        .returning(table.c.device_id, table.c.seq)
+    keys = list(batch)
+    inserted = bulk.insert_returning(
+        session,
+        table,
+        _REPORT_COLUMNS,
+        [
+            (
+                r.device_id,
+                r.seq,
+                r.window_start,
+                r.window_end,
+                received,
+                r.dropped_reports,
+                r.rss_bytes,
+                r.cpu_seconds,
+            )
+            for r in batch.values()
+        ],
+        ("device_id", "seq"),
+        ("device_id", "seq"),
     )
-    rows = [
-        {
-            "device_id": r.device_id,
-            "seq": r.seq,
-            "window_start": r.window_start,
-            "window_end": r.window_end,
-            "received_at": received,
-            "dropped_reports": r.dropped_reports,
-            "rss_bytes": r.resources.rss_bytes,
-            "cpu_seconds": r.resources.cpu_seconds,
-        }
-        for r in batch.values()
-    ]
-    inserted = {(device_id, seq) for device_id, seq in session.execute(statement, rows)}
-    new = [key for key in batch if key in inserted]
+    new = [key for key, row in zip(keys, inserted, strict=True) if row is not None]
     marks = retention_marks(session, lock=True)
     raw_mark = marks.get("raw")
     expired = [] if raw_mark is None else [k for k in new if batch[k].window_end < raw_mark]
@@ -257,11 +302,12 @@ def store_reports(
         log.warning("expired telemetry refused", extra={"reports": len(expired)})
         gone = set(expired)
         new = [key for key in new if key not in gone]
-    _insert(
+    bulk.insert_ignore(
         session,
         ModelWindowRecord.__table__,  # type: ignore[attr-defined]
+        _WINDOW_COLUMNS,
         [row for key in new for row in prepared.window_rows[key]],
-        ["device_id", "seq", "model_name"],
+        ("device_id", "seq", "model_name"),
     )
     rolled = add_windows(
         session,
@@ -467,7 +513,7 @@ class TelemetryIngestor:
         return None
 
     def _write(self, batch: list[tuple[str, bytes, int, int]]) -> None:
-        reports: list[TelemetryReport] = []
+        reports: list[ParsedReport] = []
         others: dict[Channel, list[DeviceMessage]] = {}
         drops: list[IngestRejected] = []
         for topic, payload, _mid, _qos in batch:

@@ -557,8 +557,17 @@ def check_readable_through_todays_code(engine: Engine) -> None:
         assert layout_row is not None
         layout = Layout.from_json(layout_row.layout_json)
         for model in (DriftRollup, DriftFleetRollup):
-            (rollup,) = session.exec(select(model)).all()
+            (rollup,) = session.exec(select(model).where(model.period == "hour")).all()
             assert (rollup.windows, rollup.inferences, rollup.bucket_start) == (3, 192, HOUR)
+            # 0011's 6-hour row (06:00-12:00) holds what the hour row holds.
+            (six,) = session.exec(select(model).where(model.period == "6h")).all()
+            assert six.bucket_start == HOUR.replace(hour=6)
+            assert (six.windows, six.inferences) == (rollup.windows, rollup.inferences)
+            assert (six.counts, six.latency, six.moments) == (
+                rollup.counts,
+                rollup.latency,
+                rollup.moments,
+            )
             assert unpack_counts(rollup.latency, N_LATENCY_BUCKETS).tolist() == LATENCY
             assert unpack_counts(rollup.counts, layout.size).tolist() == DEVICE_COUNTS
             moments = unpack_moments(rollup.moments, layout.moment_rows)
@@ -606,7 +615,9 @@ def test_the_previous_release_upgrades_to_head_keeping_every_row(db: Engine) -> 
     migrate(db)
 
     assert current_revision(db) == head_revision(db)
-    assert row_counts(db, old_tables) == before
+    # Every row kept; 0011 adds the 6-hour tier, built from the stored hour rows.
+    backfilled = {"drift_rollups": 1, "drift_fleet_rollups": 1}
+    assert row_counts(db, old_tables) == {t: n + backfilled.get(t, 0) for t, n in before.items()}
     check_readable_through_todays_code(db)
 
 

@@ -23,7 +23,7 @@ from server.drift.timerange import (
 )
 
 NOW = datetime(2026, 11, 29, 13, 37, 12, tzinfo=UTC)
-H, D = Period.HOUR, Period.DAY
+H, S, D = Period.HOUR, Period.SIX_HOURS, Period.DAY
 
 
 def at(day: int, hour: int = 0) -> datetime:
@@ -88,9 +88,11 @@ def test_floor_and_ceil() -> None:
 def test_whole_days_are_read_as_day_rows_and_the_ends_as_hours() -> None:
     covered = plan(at(27, 13), at(29, 14))
     assert covered.segments == (
-        Segment(H, at(27, 13), at(28)),
+        Segment(H, at(27, 13), at(27, 18)),
+        Segment(S, at(27, 18), at(28)),
         Segment(D, at(28), at(29)),
-        Segment(H, at(29), at(29, 14)),
+        Segment(S, at(29), at(29, 12)),
+        Segment(H, at(29, 12), at(29, 14)),
     )
     assert (covered.since, covered.until, covered.widened, covered.clipped) == (
         at(27, 13),
@@ -104,7 +106,11 @@ def test_whole_days_are_read_as_day_rows_and_the_ends_as_hours() -> None:
 
 def test_deleted_hours_widen_to_their_day_and_deleted_days_clip() -> None:
     widened = plan(at(27, 13), at(29, 14), hour_deleted_before=at(28, 6))
-    assert widened.segments == (Segment(D, at(27), at(29)), Segment(H, at(29), at(29, 14)))
+    assert widened.segments == (
+        Segment(D, at(27), at(29)),
+        Segment(S, at(29), at(29, 12)),
+        Segment(H, at(29, 12), at(29, 14)),
+    )
     assert widened.widened and (widened.since, widened.until) == (at(27), at(29, 14))
     clipped = plan(at(20, 5), at(29, 14), day_deleted_before=at(24, 12))
     assert clipped.clipped and clipped.since == at(25)
@@ -157,9 +163,22 @@ def test_a_count_plan_reads_a_mostly_covered_day_as_its_row_minus_the_other_hour
         plus=(Segment(D, at(28), at(29)), Segment(H, at(29), at(29, 1))),
         minus=(Segment(H, at(28), at(28, 1)),),
     )
-    # half a day each side: the hours are fewer rows than a day and its other half
+    # half a day each side: two 6-hour rows each
     assert count_plan(plan(at(28, 12), at(29, 12))) == CountPlan(
-        plus=(Segment(H, at(28, 12), at(29, 12)),), minus=()
+        plus=(Segment(S, at(28, 12), at(29, 12)),), minus=()
+    )
+    # from 09:00: three hours, then 6-hour rows, then three hours (9 rows, the most)
+    assert count_plan(plan(at(28, 9), at(29, 9))) == CountPlan(
+        plus=(
+            Segment(H, at(28, 9), at(28, 12)),
+            Segment(S, at(28, 12), at(29, 6)),
+            Segment(H, at(29, 6), at(29, 9)),
+        ),
+        minus=(),
+    )
+    # five hours of a 6-hour block: its row minus the sixth
+    assert count_plan(plan(at(28, 7), at(28, 12))) == CountPlan(
+        plus=(Segment(S, at(28, 6), at(28, 12)),), minus=(Segment(H, at(28, 6), at(28, 7)),)
     )
     # both ends of one day taken off
     assert count_plan(plan(at(28, 2), at(28, 21))) == CountPlan(
