@@ -62,7 +62,7 @@ from server.auth import install as install_operator_access
 from server.auth import routes as auth_routes
 from server.auth.deps import operator_access, require_admin
 from server.brokerconf.hooks import STATE_ATTRIBUTE as BROKER_CONFIG_STATE
-from server.brokerconf.hooks import start_broker_config_writer
+from server.brokerconf.hooks import start_broker_config_writer, start_credentials_follower
 from server.dashboard import mount_dashboard
 from server.db import create_db_engine, migrate, session_scope, utcnow
 from server.delivery.blocks import BlockServer
@@ -392,7 +392,12 @@ def create_app(
                 app.state.alert_evaluator = evaluator
             # A Mosquitto configured by `edgefleet broker-config` is brought in step with
             # the fleet's credentials now, not only at the next enrollment.
-            setattr(app.state, BROKER_CONFIG_STATE, start_broker_config_writer(engine, settings))
+            broker_config = start_broker_config_writer(engine, settings)
+            setattr(app.state, BROKER_CONFIG_STATE, broker_config)
+            # ... and follows changes made through any API process (other hosts too).
+            follower = start_credentials_follower(broker_config, settings)
+            if follower is not None:
+                stack.callback(follower.stop)
             hooks: list[InventoryHook] = []
             if settings.broker_url != "embedded":
                 hooks = _start_broker_services(

@@ -197,6 +197,13 @@ class Settings(BaseSettings):
     broker_pid_file: Path | None = Field(
         None, description="Mosquitto's pid file: the server sends SIGHUP after each change"
     )
+    broker_config_poll_seconds: float = Field(
+        2.0,
+        gt=0,
+        le=300,
+        description="how often a server with broker_config_dir checks the database for "
+        "credential changes made through other API processes",
+    )
 
     admin_token: SecretStr | None = Field(
         None,

@@ -6,7 +6,11 @@
   and the ACL files (pure).
 - :mod:`server.brokerconf.writer` -- :class:`~server.brokerconf.writer.BrokerConfigWriter`:
   reads the database, replaces the files atomically, makes Mosquitto reload.
-- :mod:`server.brokerconf.hooks` -- how the API reaches the writer.
+- :mod:`server.brokerconf.revision` -- the credentials revision every change of broker
+  logins moves, in the change's own transaction.
+- :mod:`server.brokerconf.follow` -- :class:`~server.brokerconf.follow.CredentialsFollower`:
+  each API process with a configuration folder follows changes made through any other.
+- :mod:`server.brokerconf.hooks` -- how the API reaches the writer and starts the follower.
 - :mod:`server.brokerconf.access` -- :class:`~server.brokerconf.access.FleetAccess`, the
   same rules checked live against the database, for the embedded broker.
 

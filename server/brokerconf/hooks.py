@@ -6,6 +6,10 @@ the files in step at start-up; the API routes that change credentials take it th
 :data:`BrokerConfigDep` and call ``credentials_changed()`` after their commit. An app whose
 start-up did not build one gets it built on first use (and kept on ``app.state``), so
 the routes work the same either way.
+
+Changes made through other API processes (which may not see the folder) reach it through
+:func:`start_credentials_follower`: a thread that polls the database's credentials
+revision every ``broker_config_poll_seconds``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.engine import Engine
 
+from server.brokerconf.follow import CredentialsFollower
 from server.brokerconf.writer import BrokerConfigWriter
 from server.settings import Settings
 
@@ -25,6 +30,7 @@ __all__ = [
     "broker_config_writer",
     "get_broker_config_writer",
     "start_broker_config_writer",
+    "start_credentials_follower",
 ]
 
 STATE_ATTRIBUTE = "broker_config_writer"
@@ -54,6 +60,17 @@ def start_broker_config_writer(engine: Engine, settings: Settings) -> BrokerConf
     if writer is not None:
         writer.refresh()
     return writer
+
+
+def start_credentials_follower(
+    writer: BrokerConfigWriter | None, settings: Settings
+) -> CredentialsFollower | None:
+    """A started :class:`CredentialsFollower` for ``writer`` (``None``: no folder, none)."""
+    if writer is None:
+        return None
+    follower = CredentialsFollower(writer, poll_seconds=settings.broker_config_poll_seconds)
+    follower.start()
+    return follower
 
 
 def get_broker_config_writer(request: Request) -> BrokerConfigWriter | None:

@@ -21,6 +21,11 @@ What always holds:
 - Unchanged files are not rewritten and an unchanged configuration sends no signal.
 - The service password's hash is kept while it still matches the configured password,
   so restarting the server does not make Mosquitto reload for nothing.
+- :attr:`BrokerConfigWriter.rendered_revision` is the fleet's credentials revision
+  (:mod:`server.brokerconf.revision`) read before the credentials of the last render:
+  the files reflect at least every change up to it, so
+  :class:`~server.brokerconf.follow.CredentialsFollower` renders again only when the
+  database's number differs.
 - A signal goes only to a process that Linux names ``mosquitto`` (a stale pid file whose
   pid now belongs to another program is left alone: ``SIGHUP`` would end most programs).
 """
@@ -38,6 +43,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy import inspect
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, select
@@ -52,6 +58,8 @@ from server.brokerconf.render import (
     fleet_files,
     render_mosquitto_conf,
 )
+from server.brokerconf.revision import TABLE as REVISION_TABLE
+from server.brokerconf.revision import credentials_revision
 from server.fleet.auth import hash_password, verify_password
 from server.fleet.models import Device, DeviceCredential, DeviceStatus
 
@@ -194,6 +202,9 @@ class BrokerConfigWriter:
         self._counter_lock = threading.Lock()
         self._requested = 0
         self._rendered = 0
+        self._has_revision: bool | None = None  # a database before migration 0012 has none
+        self.rendered_revision: int | None = None
+        """The credentials revision the files were last rendered at (``None``: not yet)."""
 
     def refresh(self) -> Refresh:
         """Bring the files in step with the database now; signal Mosquitto if they changed.
@@ -236,6 +247,8 @@ class BrokerConfigWriter:
         with self._folder_lock():
             try:
                 with Session(self.engine) as session:
+                    # read before the credentials: they are at least as new as this number
+                    revision = self._revision(session)
                     devices = device_logins(session, exclude=self.service_username)
             except SQLAlchemyError as e:
                 raise BrokerConfigError(
@@ -243,6 +256,7 @@ class BrokerConfigWriter:
                 ) from e
             files = fleet_files(devices, Login(self.service_username, self._service_login_hash()))
             changed = self._write_changed(files)
+            self.rendered_revision = revision
         signalled = False
         if changed and self.pid_file is not None:
             signalled = signal_reload(self.pid_file)
@@ -256,6 +270,11 @@ class BrokerConfigWriter:
                 extra={"files": list(changed), "devices": len(devices), "reloaded": signalled},
             )
         return Refresh(changed=changed, signalled=signalled, devices=len(devices))
+
+    def _revision(self, session: Session) -> int | None:
+        if self._has_revision is None:
+            self._has_revision = inspect(session.connection()).has_table(REVISION_TABLE)
+        return credentials_revision(session) if self._has_revision else None
 
     @contextlib.contextmanager
     def _folder_lock(self) -> Iterator[None]:

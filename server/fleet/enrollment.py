@@ -19,6 +19,9 @@ What always holds:
   ``auto_accept``. Rejecting or revoking it revokes its credentials in the same
   transaction. Allowed changes (:func:`next_status`): pending -> accepted | rejected |
   revoked, accepted -> revoked; asking for the status a device already has is a no-op.
+- Every change of who may log in to the broker (an accepted enrollment, an accept,
+  reject or revoke) moves the broker-credentials revision in the same transaction
+  (:mod:`server.brokerconf.revision`), so every broker configuration folder follows it.
 - Functions that take a session flush but never commit; the caller commits, so a
   failure anywhere leaves nothing behind.
 """
@@ -38,6 +41,7 @@ from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
+from server.brokerconf.revision import bump_credentials_revision
 from server.errors import ConflictError, InvalidInputError, NotFoundError
 from server.fleet.auth import hash_password, hash_token_secret, new_secret
 from server.fleet.errors import (
@@ -354,6 +358,8 @@ def enroll(
         if group is not None:
             session.add(GroupMember(group_id=record.group_id, device_id=device.id, added_at=now))
             group_name = group.name
+    if status == DeviceStatus.ACCEPTED:  # a login for the broker: every broker folder follows
+        bump_credentials_revision(session)
     session.flush()
     return Enrollment(device=device, username=device.id, password=password, group=group_name)
 
@@ -428,5 +434,6 @@ def change_status(session: Session, *, device: Device, action: Action, now: date
             credential.revoked_at = now
             session.add(credential)
     session.add(device)
+    bump_credentials_revision(session)  # last: the revision row is held until the commit
     session.flush()
     return device
