@@ -33,9 +33,10 @@ is written first (so a kill from there on still ends rolled back), then ``curren
 back, then ``pending`` is cleared and ``result`` says ``rolled_back``.
 
 What always holds: ``current`` names a complete, checked version or nothing (the base);
-no file of a wheel is written outside its version's folder; a wheel that is not
-pure-Python, names another distribution or version, or whose ``RECORD`` does not match
-its files is refused before anything lands in ``versions/``; ``state.json`` is replaced
+no file of a wheel is written outside its version's folder; a wheel that breaks a rule
+of :mod:`shared.wheel` (the same check the server ran when it published it: not
+pure-Python, another distribution or version, a ``RECORD`` that does not match its
+files, …) is refused before anything lands in ``versions/``; ``state.json`` is replaced
 atomically, and only by a process while the other side cannot write it (the agent
 writes it while it runs, the launcher only while no agent runs); the functions here
 decide nothing about time -- callers pass ``now``.
@@ -43,29 +44,32 @@ decide nothing about time -- callers pass ``now``.
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import csv
-import hashlib
-import io
 import json
 import os
 import re
 import secrets
 import shutil
-import stat
 import tempfile
 import zipfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
-from email.parser import HeaderParser
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from agent.errors import AgentError
 from shared.errors import RejectReason
 from shared.messages import AgentUpdateResult, UpdateOutcome
+from shared.wheel import (
+    DISTRIBUTION,
+    WheelError,
+    WheelFacts,
+    WheelLimits,
+    inspect_wheel,
+    member_chunks,
+    open_wheel,
+)
 
 __all__ = [
     "DISTRIBUTION",
@@ -80,7 +84,6 @@ __all__ = [
     "extract_wheel",
 ]
 
-DISTRIBUTION = "edgefleet"
 LAUNCHED_ENV = "EDGEFLEET_LAUNCHER"
 """Set (to the launcher's pid) in the environment of an agent the launcher runs."""
 RESTART_EXIT_CODE = 75
@@ -88,7 +91,6 @@ RESTART_EXIT_CODE = 75
 STATE_SCHEMA = "ef.agent-self-update"
 INSTALL_MARKER = ".edgefleet-install.json"
 _VERSION = re.compile(r"^[0-9][0-9A-Za-z.+!_-]{0,63}$")
-_REQUIRED = ("agent/__init__.py", "agent/cli.py", "shared/__init__.py")
 
 
 class SelfUpdateError(AgentError):
@@ -425,180 +427,55 @@ class AgentHome:
 def extract_wheel(
     wheel: Path, dest: Path, *, version: str, max_unpacked_bytes: int, max_files: int
 ) -> None:
-    """Check ``wheel`` and extract it into the empty folder ``dest`` (fsynced).
+    """Check ``wheel`` as an agent wheel of ``version`` and extract it into the empty
+    folder ``dest`` (fsynced).
 
-    Refused (:class:`WheelRejected`): not a zip; a member whose path is absolute, has
-    ``..``, a backslash or is a link; more than ``max_files`` members or more than
-    ``max_unpacked_bytes`` unpacked; not exactly one ``*.dist-info``; ``WHEEL`` without
-    ``Root-Is-Purelib: true`` or with ``.data`` files; ``METADATA`` naming another
-    distribution or version; a file missing from ``RECORD`` or whose sha256 or size
-    differs from it; no ``agent`` or ``shared`` package.
+    The rules are :func:`shared.wheel.inspect_wheel`'s, the server's own when it
+    published the wheel, under this device's limits (``max_files`` entries,
+    ``max_unpacked_bytes`` unpacked); a refusal is a :class:`WheelRejected` with the
+    reason and message of the :class:`~shared.wheel.WheelError`. Each file is checked
+    against ``RECORD`` again while it is written, so what lands is what was checked.
     """
+    limits = WheelLimits(
+        max_wheel_bytes=None,  # the download stopped at limits.agent_wheel_max_bytes
+        max_unpacked_bytes=max_unpacked_bytes,
+        max_entries=max_files,
+    )
     try:
-        archive = zipfile.ZipFile(wheel)
-    except (OSError, zipfile.BadZipFile) as e:
+        file = wheel.open("rb")
+    except OSError as e:
         raise WheelRejected(RejectReason.MALFORMED, f"not a wheel: {e}") from e
-    with archive:
-        members = _check_members(archive, max_files=max_files, max_bytes=max_unpacked_bytes)
-        names = {m.filename for m in members if not m.is_dir()}
-        info_dirs = {n.split("/", 1)[0] for n in names if n.split("/", 1)[0].endswith(".dist-info")}
-        if len(info_dirs) != 1:
-            raise WheelRejected(
-                RejectReason.MALFORMED, f"a wheel has one .dist-info folder, not {len(info_dirs)}"
-            )
-        info = info_dirs.pop()
-        data_dirs = sorted({n.split("/", 1)[0] for n in names if ".data" in n.split("/", 1)[0]})
-        if data_dirs:
-            raise WheelRejected(
-                RejectReason.WRONG_TARGET,
-                f"the wheel installs outside the package folder ({data_dirs[0]}/): "
-                "the agent takes pure-Python wheels only",
-            )
-        wheel_meta = _headers(archive, f"{info}/WHEEL", names)
-        if wheel_meta.get("Root-Is-Purelib", "").strip().lower() != "true":
-            raise WheelRejected(
-                RejectReason.WRONG_TARGET,
-                "the wheel is not pure-Python (Root-Is-Purelib is not true)",
-            )
-        metadata = _headers(archive, f"{info}/METADATA", names)
-        name = re.sub(r"[-_.]+", "-", metadata.get("Name", "")).lower()
-        if name != DISTRIBUTION:
-            raise WheelRejected(
-                RejectReason.WRONG_TARGET, f"the wheel is {name or 'unnamed'!r}, not {DISTRIBUTION}"
-            )
-        if metadata.get("Version", "").strip() != version:
-            raise WheelRejected(
-                RejectReason.WRONG_TARGET,
-                f"the wheel is version {metadata.get('Version')!r}; {version!r} was asked for",
-            )
-        record = _record(archive, f"{info}/RECORD", names)
-        unlisted = sorted(names - set(record) - {f"{info}/RECORD"})
-        if unlisted:
-            raise WheelRejected(
-                RejectReason.MALFORMED, f"{unlisted[0]} is in the wheel but not in its RECORD"
-            )
-        missing = sorted(set(record) - names - {f"{info}/RECORD"})
-        if missing:
-            raise WheelRejected(
-                RejectReason.MALFORMED, f"{missing[0]} is in RECORD but not in the wheel"
-            )
-        for required in _REQUIRED:
-            if required not in names:
-                raise WheelRejected(
-                    RejectReason.MALFORMED, f"the wheel has no {required}: not an agent"
-                )
-        dest.mkdir(parents=True, exist_ok=True)
-        root = dest.resolve()
-        folders: set[Path] = {root}
-        for member in members:
-            target = (root / member.filename).resolve()
-            if target != root and root not in target.parents:
-                raise WheelRejected(RejectReason.MALFORMED, f"{member.filename} escapes the folder")
-            if member.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
-                folders.add(target)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            folders.add(target.parent)
-            expected = record.get(member.filename)
-            digest = hashlib.sha256()
-            size = 0
-            with archive.open(member) as source, target.open("xb") as out:
-                while chunk := source.read(1 << 16):
-                    size += len(chunk)
-                    if size > member.file_size:
-                        raise WheelRejected(
-                            RejectReason.MALFORMED, f"{member.filename} is longer than stated"
-                        )
-                    digest.update(chunk)
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            if expected is not None:
-                want_hash, want_size = expected
-                got = base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode()
-                if got != want_hash or (want_size is not None and want_size != size):
-                    raise WheelRejected(
-                        RejectReason.HASH_MISMATCH,
-                        f"{member.filename} does not match its RECORD entry",
-                    )
-        for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
-            _fsync_dir(folder)
-
-
-def _check_members(
-    archive: zipfile.ZipFile, *, max_files: int, max_bytes: int
-) -> list[zipfile.ZipInfo]:
-    members = archive.infolist()
-    if len(members) > max_files:
-        raise WheelRejected(
-            RejectReason.MALFORMED, f"the wheel has {len(members)} files, over {max_files}"
-        )
-    seen: set[str] = set()
-    total = 0
-    for member in members:
-        name = member.filename
-        path = PurePosixPath(name)
-        if (
-            not name
-            or name.startswith("/")
-            or "\\" in name
-            or "\x00" in name
-            or ":" in path.parts[0]
-            or any(part in ("..", ".") for part in path.parts)
-        ):
-            raise WheelRejected(RejectReason.MALFORMED, f"{name!r} is not a path inside the wheel")
-        file_type = stat.S_IFMT(member.external_attr >> 16)  # 0: a zip tool that sets none
-        if file_type not in (0, stat.S_IFREG, stat.S_IFDIR):
-            raise WheelRejected(RejectReason.MALFORMED, f"{name} is not a plain file")
-        key = name.rstrip("/")
-        if key in seen:
-            raise WheelRejected(RejectReason.MALFORMED, f"{name} is in the wheel twice")
-        seen.add(key)
-        total += member.file_size
-        if total > max_bytes:
-            raise WheelRejected(
-                RejectReason.MALFORMED, f"the wheel unpacks to more than {max_bytes} bytes"
-            )
-    return members
-
-
-def _read_member(archive: zipfile.ZipFile, name: str, names: set[str]) -> str:
-    if name not in names:
-        raise WheelRejected(RejectReason.MALFORMED, f"the wheel has no {name}")
     try:
-        return archive.read(name).decode("utf-8")
-    except (UnicodeDecodeError, zipfile.BadZipFile, OSError) as e:
-        raise WheelRejected(RejectReason.MALFORMED, f"{name} is unreadable: {e}") from e
+        with file, open_wheel(file, limits=limits) as archive:
+            facts = inspect_wheel(archive, expected_version=version, limits=limits)
+            _write_members(archive, facts, dest)
+    except WheelError as e:
+        raise WheelRejected(e.reason, e.message) from e
 
 
-def _headers(archive: zipfile.ZipFile, name: str, names: set[str]) -> dict[str, str]:
-    message = HeaderParser().parsestr(_read_member(archive, name, names))
-    return {key: str(value) for key, value in message.items()}
-
-
-def _record(
-    archive: zipfile.ZipFile, name: str, names: set[str]
-) -> dict[str, tuple[str, int | None]]:
-    """RECORD's entries: path -> (urlsafe base64 sha256, size)."""
-    entries: dict[str, tuple[str, int | None]] = {}
-    for row in csv.reader(io.StringIO(_read_member(archive, name, names))):
-        if not row:
+def _write_members(archive: zipfile.ZipFile, facts: WheelFacts, dest: Path) -> None:
+    """Write the members of the checked wheel into ``dest``: their paths are proven
+    relative and plain, so only a symlink already in ``dest`` could lead out."""
+    dest.mkdir(parents=True, exist_ok=True)
+    root = dest.resolve()
+    folders: set[Path] = {root}
+    for member in archive.infolist():
+        target = (root / member.filename).resolve()
+        if target != root and root not in target.parents:
+            raise WheelRejected(RejectReason.MALFORMED, f"{member.filename} escapes the folder")
+        if member.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            folders.add(target)
             continue
-        if len(row) != 3:
-            raise WheelRejected(RejectReason.MALFORMED, f"RECORD row {row!r} has not 3 fields")
-        path, hash_field, size_field = row
-        if path == name:
-            continue
-        algorithm, _, value = hash_field.partition("=")
-        if algorithm != "sha256" or not value:
-            raise WheelRejected(RejectReason.MALFORMED, f"RECORD has no sha256 for {path}")
-        try:
-            size = int(size_field) if size_field else None
-        except ValueError as e:
-            raise WheelRejected(RejectReason.MALFORMED, f"RECORD size of {path}: {e}") from e
-        entries[path] = (value, size)
-    return entries
+        target.parent.mkdir(parents=True, exist_ok=True)
+        folders.add(target.parent)
+        with target.open("xb") as out:
+            for chunk in member_chunks(archive, member, facts):
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        _fsync_dir(folder)
 
 
 # ----------------------------------------------------------------------------- disk helpers

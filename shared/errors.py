@@ -11,6 +11,7 @@ does no I/O::
     │   └── PayloadTooLargeError   ... rejected on size, before any parsing
     ├── BundleFormatError          a bundle file that is not a well-formed bundle
     ├── DriftError                 drift inputs that do not fit their reference
+    ├── WheelError                 an agent wheel a device must not install (``reason``)
     └── VerificationError          a trust check failed; ``reason`` says which
         ├── MalformedError         (reason ``malformed``: not a signed document)
         ├── BadSignatureError      (``bad_signature``)

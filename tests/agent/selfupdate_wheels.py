@@ -69,7 +69,7 @@ def build_wheel(
     info = f"edgefleet-{version}.dist-info"
     files[f"{info}/METADATA"] = (
         f"Metadata-Version: 2.1\nName: {name}\nVersion: {metadata_version or version}\n"
-        "Summary: the edgefleet agent (test build)\n\n"
+        "Summary: the edgefleet agent (test build)\nRequires-Python: >=3.11\n\n"
     ).encode()
     files[f"{info}/WHEEL"] = (
         "Wheel-Version: 1.0\nGenerator: edgefleet-tests\n"

@@ -1,7 +1,8 @@
 """Agent releases: the wheel check (every refusal names its problem), publishing through
 the API and the CLI into the artifact store, and agent rollouts created over the API.
 
-Wheels are built in memory (:func:`tests.server.rollouts.agent_harness.make_agent_wheel`);
+Wheels are built in memory from this checkout's packages
+(:func:`tests.agent.selfupdate_wheels.build_wheel`, the wheels the device tests install);
 one test checks the wheel ``pip wheel`` makes of this very checkout.
 """
 
@@ -18,7 +19,7 @@ from sqlmodel import Session, select
 from typer.testing import CliRunner
 
 from server.agent_releases.errors import AgentReleaseError, InvalidWheelError
-from server.agent_releases.service import build_wheel
+from server.agent_releases.service import build_wheel as build_checkout_wheel
 from server.agent_releases.wheel import inspect_wheel
 from server.app import create_app
 from server.auth.models import AuditEntry
@@ -26,13 +27,11 @@ from server.cli import app as edgefleet
 from server.models import Artifact
 from server.settings import Settings
 from shared.messages import AGENT_WHEEL_MEDIA_TYPE
+from shared.wheel import WheelError
+from tests.agent.selfupdate_wheels import build_wheel, package_files
 from tests.conftest import admin_token, operator_client
 from tests.server.fleet.conftest import enroll_body, serve
-from tests.server.rollouts.agent_harness import (
-    make_agent_wheel,
-    publish_agent_release,
-    start_agent_rollout,
-)
+from tests.server.rollouts.agent_harness import publish_agent_release, start_agent_rollout
 from tests.server.rollouts.harness import Clock
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,41 +41,39 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_a_well_formed_agent_wheel_is_described() -> None:
-    facts = inspect_wheel(
-        make_agent_wheel("0.2.0rc1"), filename="edgefleet-0.2.0rc1-py3-none-any.whl"
-    )
+    facts = inspect_wheel(build_wheel("0.2.0rc1"), filename="edgefleet-0.2.0rc1-py3-none-any.whl")
     assert facts.version == "0.2.0rc1"
     assert facts.tags == ("py3-none-any",)
     assert facts.requires_python == ">=3.11"
+    assert facts.files == len(package_files()) + 3  # METADATA, WHEEL, RECORD
 
 
 @pytest.mark.parametrize(
     ("data", "problem"),
     [
         (b"PK\x03\x04 not really a zip", "not a zip archive"),
-        (make_agent_wheel("0.2.0", defect="name"), "distribution 'otherpkg'"),
-        (make_agent_wheel("0.2.0", defect="metadata_version"), "METADATA says version '9.9.9'"),
-        (make_agent_wheel("0.2.0", defect="platlib"), "Root-Is-Purelib: true"),
-        (make_agent_wheel("0.2.0", defect="platform_tag"), "cp311-cp311-linux_x86_64"),
-        (make_agent_wheel("0.2.0", defect="no_agent"), "no agent/ package"),
-        (make_agent_wheel("0.2.0", defect="hash"), "agent/__main__.py does not match its hash"),
-        (make_agent_wheel("0.2.0", defect="unrecorded"), "agent/sneaky.py is in the wheel but not"),
-        (make_agent_wheel("0.2.0", defect="unsafe_path"), "unsafe path"),
-        (make_agent_wheel("not a version"), "not a version an agent can report"),
+        (build_wheel("0.2.0", purelib=False), "Root-Is-Purelib: true"),
+        (
+            build_wheel("0.2.0", tamper_after_record={"agent/cli.py": b"import os\n"}),
+            "agent/cli.py does not match its hash",
+        ),
     ],
-    ids=lambda value: value if isinstance(value, str) else None,
+    ids=["zip", "platlib", "hash"],
 )
 def test_a_wheel_the_devices_cannot_install_is_refused_naming_the_problem(
     data: bytes, problem: str
 ) -> None:
+    # Every rule is tested once in tests/shared/test_wheel.py; here: a refusal is an
+    # InvalidWheelError (HTTP 422) that keeps the rule's message.
     with pytest.raises(InvalidWheelError) as caught:
         inspect_wheel(data)
     assert problem in str(caught.value)
+    assert isinstance(caught.value.__cause__, WheelError)
 
 
 def test_a_file_name_that_names_another_version_is_refused() -> None:
     with pytest.raises(InvalidWheelError, match=r"holds edgefleet 0\.2\.0"):
-        inspect_wheel(make_agent_wheel("0.2.0"), filename="edgefleet-0.3.0-py3-none-any.whl")
+        inspect_wheel(build_wheel("0.2.0"), filename="edgefleet-0.3.0-py3-none-any.whl")
 
 
 def test_the_wheel_of_this_checkout_passes_the_check_under_the_version_asked(
@@ -96,7 +93,7 @@ def test_the_wheel_of_this_checkout_passes_the_check_under_the_version_asked(
     assert facts.version == "0.1.1rc7" and facts.files > 50
     assert (REPO / "pyproject.toml").read_text() == before  # built on a copy
     with pytest.raises(AgentReleaseError, match="not a version"):
-        build_wheel(REPO, tmp_path, version="latest!")
+        build_checkout_wheel(REPO, tmp_path, version="latest!")
 
 
 # ----------------------------------------------------------------------------- the API
@@ -124,7 +121,7 @@ def api(db_url: str, tmp_path: Path) -> Iterator[Api]:
 
 @pytest.mark.database
 def test_publish_stores_registers_and_audits_the_wheel_once(api: Api) -> None:
-    wheel = make_agent_wheel("0.2.0")
+    wheel = build_wheel("0.2.0")
     published = publish_agent_release(api.call, "0.2.0", data=wheel)
     assert (published["version"], published["length"]) == ("0.2.0", len(wheel))
     assert published["media_type"] == AGENT_WHEEL_MEDIA_TYPE
@@ -139,9 +136,9 @@ def test_publish_stores_registers_and_audits_the_wheel_once(api: Api) -> None:
         ).all()
         assert [a.target for a in audit] == ["agent:0.2.0"]
 
-    refused = publish_agent_release(api.call, "0.2.0", expect=409)
+    refused = publish_agent_release(api.call, "0.2.0", data=build_wheel("0.2.0"), expect=409)
     assert "published already" in refused["detail"]
-    publish_agent_release(api.call, "0.3.0")
+    publish_agent_release(api.call, "0.3.0", data=build_wheel("0.3.0"))
     assert [r["version"] for r in api.call("GET", "/agent-releases")] == ["0.3.0", "0.2.0"]
     assert api.call("GET", "/agent-releases/0.2.0")["sha256"] == published["sha256"]
     assert "no agent release" in api.call("GET", "/agent-releases/9.9", 404)["detail"]
@@ -149,7 +146,7 @@ def test_publish_stores_registers_and_audits_the_wheel_once(api: Api) -> None:
 
 @pytest.mark.database
 def test_a_bad_wheel_is_refused_with_its_problem_and_leaves_nothing_behind(api: Api) -> None:
-    broken = make_agent_wheel("0.2.0", defect="platlib")
+    broken = build_wheel("0.2.0", purelib=False)
     refused = publish_agent_release(api.call, "0.2.0", data=broken, expect=422)
     assert "Root-Is-Purelib" in refused["detail"]
     assert "empty" in publish_agent_release(api.call, "0.2.0", data=b"", expect=422)["detail"]
@@ -167,7 +164,7 @@ def test_a_viewer_cannot_publish(api: Api) -> None:
         "Content-Type": "application/octet-stream",
     }
     response = api.client.post(
-        "/api/v1/agent-releases", content=make_agent_wheel("0.2.0"), headers=headers
+        "/api/v1/agent-releases", content=build_wheel("0.2.0"), headers=headers
     )
     assert response.status_code == 403, response.text
     assert api.client.get("/api/v1/agent-releases", headers=headers).status_code == 200
@@ -185,7 +182,7 @@ def test_agent_rollouts_over_the_api_one_per_group_beside_model_rollouts(api: Ap
 
     missing = api.call("POST", "/rollouts", 404, json={"agent_version": "0.2.0", "group": "line"})
     assert "no agent release '0.2.0'" in missing["detail"]
-    publish_agent_release(api.call, "0.2.0")
+    publish_agent_release(api.call, "0.2.0", data=build_wheel("0.2.0"))
     created = start_agent_rollout(api.call, "0.2.0", "line", phases="50,100", health_timeout_s=90)
     assert (created["kind"], created["agent_version"], created["model_name"]) == (
         "agent",
@@ -219,9 +216,9 @@ def test_the_cli_builds_nothing_but_publishes_lists_shows_and_starts_agent_rollo
 ) -> None:
     runner = CliRunner()
     wheel = tmp_path / "edgefleet-0.2.0-py3-none-any.whl"
-    wheel.write_bytes(make_agent_wheel("0.2.0"))
+    wheel.write_bytes(build_wheel("0.2.0"))
     bad = tmp_path / "edgefleet-0.3.0-py3-none-any.whl"
-    bad.write_bytes(make_agent_wheel("0.3.0", defect="hash"))
+    bad.write_bytes(build_wheel("0.3.0", tamper_after_record={"agent/cli.py": b"import os\n"}))
     token = api.call("POST", "/provisioning-tokens", 201, json={"auto_accept": True})
     api.call("POST", "/enroll", 201, json=enroll_body(token["token"], "g1"))
     api.call("POST", "/groups", 201, json={"name": "line"})

@@ -20,12 +20,13 @@ from server.api.deps import ArtifactsDep, NowDep, SessionDep
 from server.auth import audit
 from server.auth.deps import PrincipalDep
 from shared.messages import AGENT_WHEEL_MEDIA_TYPE
+from shared.wheel import DEFAULT_LIMITS as WHEEL_LIMITS
 
 __all__ = ["MAX_WHEEL_BYTES", "AgentReleasePublic", "router"]
 
 router = APIRouter(prefix="/agent-releases", tags=["agent releases"])
 
-MAX_WHEEL_BYTES = 64 * 1024 * 1024
+MAX_WHEEL_BYTES = WHEEL_LIMITS.max_wheel_bytes or 64 * 1024 * 1024
 """The largest agent wheel the server takes (read while streaming, refused past it)."""
 
 

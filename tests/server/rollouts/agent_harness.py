@@ -66,6 +66,7 @@ def make_agent_wheel(version: str, *, defect: str | None = None) -> bytes:
         "shared/__init__.py": b'"""shared."""\n',
         "shared/messages.py": b"VERSION = 1\n",
         "agent/__main__.py": b"print('agent')\n",
+        "agent/cli.py": b"def main() -> None: ...\n",
     }
     if defect != "no_agent":
         files["agent/__init__.py"] = f'__version__ = "{version}"\n'.encode()
