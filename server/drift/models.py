@@ -4,7 +4,10 @@
 model version in one time bucket (an hour, six hours or a day): windows, inferences, errors, the
 latency histogram and -- for windows that carried a drift sketch -- the drift counts
 and moments. ``drift_fleet_rollups`` holds the same sums over every device, one row
-per (model version, bucket). ``drift_layouts`` records the layout of each drift
+per (model version, bucket, shard): each ingestion worker adds to the rows of its own
+``shard`` (its index; 0 for the in-server consumer, and every row stored before
+migration ``0013``), so workers never wait on each other's row locks, and readers add
+up the shards of a bucket like any other rows. ``drift_layouts`` records the layout of each drift
 reference's counts, and ``retention_marks`` how far back each tier has been deleted.
 
 What always holds:
@@ -15,6 +18,7 @@ What always holds:
   the row's ``reference_id`` (``""``: windows without a sketch, so no counts).
 - A window belongs to the hour, the 6-hour block (00, 06, 12, 18 h) and the day (UTC)
   in which it *started*.
+- A fleet bucket's sums are the sum of its shards' rows, whichever worker stored what.
 - Every report adds to each tier exactly once (see :mod:`server.drift.rollups`), and
   nothing older than a tier's retention mark is ever added to it again.
 """
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Column, Index, LargeBinary, String, Text
+from sqlalchemy import BigInteger, Column, Index, Integer, LargeBinary, String, Text
 from sqlmodel import Field, SQLModel
 
 from server.db import UTCDateTime, utcnow
@@ -62,6 +66,11 @@ class DriftFleetRollup(SQLModel, table=True):
     reference_id: str = Field(primary_key=True, max_length=64)
     period: str = Field(primary_key=True, max_length=8, description="hour, 6h or day")
     bucket_start: datetime = Field(sa_column=Column(UTCDateTime, primary_key=True))
+    shard: int = Field(
+        default=0,
+        sa_column=Column(Integer, primary_key=True, autoincrement=False, server_default="0"),
+        description="the ingestion worker that wrote the row (0: the in-server consumer)",
+    )
     windows: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
     inferences: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
     errors: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))

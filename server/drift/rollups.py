@@ -12,6 +12,9 @@ sums -- always in key order, so concurrent ingestion workers never lose an updat
 What always holds:
 
 - Counts are exact integer sums; moments are merged with Chan's formula.
+- Fleet rows are written only under the caller's ``shard`` (its worker index), so
+  concurrent workers lock disjoint fleet rows; a bucket's fleet sums are its shards'
+  sums.
 - A drift sketch is rolled up only under the layout recorded for its reference id
   (the first sketch of a reference id records it). A sketch that does not fit -- other
   features, other lengths -- is refused: its window still counts (inferences, errors,
@@ -69,7 +72,7 @@ IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
 
 DEVICE_KEY = ("model_name", "model_version", "reference_id", "period", "bucket_start", "device_id")
-FLEET_KEY = DEVICE_KEY[:-1]
+FLEET_KEY = (*DEVICE_KEY[:-1], "shard")
 
 
 def device_table() -> Table:
@@ -207,8 +210,12 @@ def add_windows(
     *,
     marks: dict[str, datetime] | None = None,
     layouts: dict[str, Layout] | None = None,
+    shard: int = 0,
 ) -> RollupResult:
     """Add model windows to the device and fleet rollups of every period (see the module doc).
+
+    ``shard`` is the fleet rows' shard the windows go to: the ingestion worker's index
+    (0 for the in-server consumer), so two workers never lock the same fleet row.
 
     ``marks`` are the retention marks if the caller has read them already. ``layouts``
     is a cache of recorded layouts (reference id -> layout) that windows not flattened
@@ -247,10 +254,14 @@ def add_windows(
 
     device_parts: dict[tuple[Any, ...], list[int]] = {}
     fleet_parts: dict[tuple[Any, ...], list[int]] = {}
+    buckets_of: dict[datetime, list[tuple[Period, datetime]]] = {}  # a batch shares starts
     for index, flat in enumerate(flats):
         item = flat.window
-        for period in Period:
-            bucket = floor_to(item.window_start, period)
+        buckets = buckets_of.get(item.window_start)
+        if buckets is None:
+            buckets = [(period, floor_to(item.window_start, period)) for period in Period]
+            buckets_of[item.window_start] = buckets
+        for period, bucket in buckets:
             mark = marks.get(period.tier)
             if mark is not None and bucket < mark:
                 result.expired += 1
@@ -263,7 +274,7 @@ def add_windows(
                 bucket,
             )
             device_parts.setdefault((*fleet_key, item.device_id), []).append(index)
-            fleet_parts.setdefault(fleet_key, []).append(index)
+            fleet_parts.setdefault((*fleet_key, shard), []).append(index)
     needed = {flat.reference_id for flat in flats if flat.reference_id}
     known = {rid: cache[rid] for rid in needed}
     _apply(session, device_table(), DEVICE_KEY, device_parts, flats, known)

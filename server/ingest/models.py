@@ -3,8 +3,10 @@
 ``telemetry_reports`` has one row per ``(device_id, seq)`` -- its primary key, so a
 report delivered twice (QoS 1 redelivery, a replayed outbox) is stored once.
 ``model_windows`` holds each model's share of a report: counts, errors, the latency
-histogram and the drift sketch as the device sent them (JSON text), so fleet views
-merge exact counts. ``ingest_drops`` counts what was refused, per device and reason.
+histogram (JSON text), and of the drift sketch its reference id and prediction sketch
+(a :class:`~shared.drift.DriftSketch` with no features: the drift rollups hold the
+feature counts; rows stored before keep every feature, and readers take both).
+``ingest_drops`` counts what was refused, per device and reason.
 """
 
 from __future__ import annotations

@@ -234,6 +234,7 @@ def store_reports(
     reports: Iterable[TelemetryReport | ParsedReport] | PreparedReports,
     *,
     layouts: dict[str, Layout] | None = None,
+    shard: int = 0,
 ) -> int:
     """Insert reports not stored yet (in the caller's transaction); return how many were new.
 
@@ -246,7 +247,8 @@ def store_reports(
 
     ``reports`` may come prepared (:func:`prepare_reports`). ``layouts`` is the caller's
     cache of recorded drift layouts; this adds the ones it reads or records, which are
-    only recorded for sure once the transaction commits.
+    only recorded for sure once the transaction commits. ``shard`` is the fleet rollup
+    rows' shard (the ingestion worker's index, see :func:`~server.drift.rollups.add_windows`).
     """
     prepared = (
         reports
@@ -314,6 +316,7 @@ def store_reports(
         [window for key in new for window in prepared.windows[key]],
         marks=marks,
         layouts=layouts,
+        shard=shard,
     )
     if rolled.refused_sketches:  # the report counts; its drift sketch did not fit
         record_drops(
@@ -390,8 +393,11 @@ class TelemetryIngestor:
         client_factory: Callable[[], mqtt.Client] | None = None,
         consumers: Sequence[ChannelConsumer] = (),
         write_lock: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+        shard: int = 0,
     ) -> None:
         self.engine = engine
+        self.shard = shard
+        """The fleet rollup rows' shard this ingestor writes (its worker index)."""
         self._write_lock = write_lock or contextlib.nullcontext
         self.consumers = {consumer.channel: consumer for consumer in consumers}
         if Channel.TELEMETRY in self.consumers or len(self.consumers) != len(consumers):
@@ -548,7 +554,7 @@ class TelemetryIngestor:
                 reports = [r for r in reports if r.device_id in known]
                 prepared = _only(prepared, known)
             layouts = dict(self._layouts)  # kept only once the layouts it adds are committed
-            stored = store_reports(session, prepared, layouts=layouts)
+            stored = store_reports(session, prepared, layouts=layouts, shard=self.shard)
             duplicates = len(reports) - stored
             now = utcnow()
             for channel, messages in others.items():

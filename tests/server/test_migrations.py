@@ -31,7 +31,14 @@ from server import registry
 from server.alerts.rules import OfflineCondition
 from server.alerts.service import get_alert, get_rule, rule_condition
 from server.db import alembic_config, create_db_engine, migrate
-from server.drift.layout import Layout, unpack_counts, unpack_moments
+from server.drift.layout import (
+    Layout,
+    merge_moment_stack,
+    pack_counts,
+    pack_moments,
+    unpack_counts,
+    unpack_moments,
+)
 from server.drift.models import DriftFleetRollup, DriftLayout, DriftRollup
 from server.feedback.models import FeedbackRecord
 from server.fleet.devices import get_device
@@ -645,3 +652,59 @@ def test_the_newest_migrations_step_down_to_the_previous_release_with_the_data_k
     migrate(db)  # and up again
     assert current_revision(db) == head_revision(db)
     check_readable_through_todays_code(db)
+
+
+def test_going_down_from_0013_merges_each_buckets_fleet_shards_into_one_row(db: Engine) -> None:
+    """Two workers' shards of one hour (and a bucket only the second worker wrote) become
+    the rows one writer would have made: counts added, moments merged with Chan's formula."""
+    migrate(db, PREVIOUS_RELEASE)
+    insert_previous_release_rows(db)
+    migrate(db, "0013")
+    other_counts = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+    other_moments = [[10.0, 2.0, 5.0, -1.0, 4.0], [10.0, 1.0, 3.0, -4.0, 1.0]]
+    latency = [0] * N_LATENCY_BUCKETS
+    latency[3] = 7
+    with db.begin() as c:
+        for bucket, reference_id in ((HOUR, REFERENCE), (HOUR + timedelta(hours=1), "")):
+            _insert(
+                c,
+                "drift_fleet_rollups",
+                model_name="pumps",
+                model_version=2,
+                reference_id=reference_id,
+                period="hour",
+                bucket_start=bucket,
+                shard=1,
+                windows=2,
+                inferences=100,
+                errors=1,
+                latency=pack_counts(np.asarray(latency)),
+                counts=pack_counts(np.asarray(other_counts)) if reference_id else None,
+                moments=pack_moments(np.asarray(other_moments)) if reference_id else None,
+            )
+    command.downgrade(alembic_config(db), "0012")
+    assert current_revision(db) == "0012"
+    assert "shard" not in {c["name"] for c in inspect(db).get_columns("drift_fleet_rollups")}
+    layout = Layout.from_json(LAYOUT_JSON)
+    with db.connect() as c:
+        rows = c.execute(
+            text(
+                "SELECT reference_id, windows, inferences, errors, latency, counts, moments "
+                "FROM drift_fleet_rollups WHERE period = 'hour' ORDER BY bucket_start"
+            )
+        ).all()
+    (merged, alone) = rows
+    assert tuple(merged[:4]) == (REFERENCE, 5, 292, 4)
+    assert unpack_counts(merged.latency, N_LATENCY_BUCKETS).tolist() == [
+        a + b for a, b in zip(LATENCY, latency, strict=True)
+    ]
+    assert unpack_counts(merged.counts, layout.size).tolist() == [
+        a + b for a, b in zip(DEVICE_COUNTS, other_counts, strict=True)
+    ]
+    expected = merge_moment_stack(np.stack([np.asarray(DEVICE_MOMENTS), np.asarray(other_moments)]))
+    assert np.allclose(unpack_moments(merged.moments, layout.moment_rows), expected)
+    assert tuple(alone[:4]) == ("", 2, 100, 1) and alone.counts is None
+    migrate(db)  # and up again: the merged rows are shard 0
+    with Session(db) as session:
+        shards = session.exec(select(DriftFleetRollup.shard)).all()
+    assert set(shards) == {0}

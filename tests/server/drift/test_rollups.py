@@ -34,11 +34,13 @@ LAYOUT = Layout.of_reference(REFERENCE)
 THRESHOLDS = Thresholds(min_samples=200)
 
 
-def store(engine: Engine, batches: list[list[TelemetryReport]]) -> int:
+def store(engine: Engine, batches: list[list[TelemetryReport]], *, shards: int = 1) -> int:
+    """Store the batches in turn; batch ``i`` goes to the fleet rows of shard ``i % shards``,
+    as if that many ingestion workers shared the stream."""
     stored = 0
-    for batch in batches:
+    for index, batch in enumerate(batches):
         with Session(engine) as session:
-            stored += store_reports(session, batch)
+            stored += store_reports(session, batch, shard=index % shards)
             session.commit()
     return stored
 
@@ -101,7 +103,10 @@ def assert_devices(result: DriftReport, by_device: dict[str, list[DriftSketch]])
     assert result.devices.evaluated == len(expected)
 
 
-def test_merged_rollups_equal_the_pooled_sketches_across_boundaries(engine: Engine) -> None:
+@pytest.mark.parametrize("shards", [1, 3], ids=["one-writer", "three-workers"])
+def test_merged_rollups_equal_the_pooled_sketches_across_boundaries(
+    engine: Engine, shards: int
+) -> None:
     rng = np.random.default_rng(7)
     reports, sketches = [], {}
     # 20-minute windows from Sunday 22:00 to Tuesday 02:00: hour and day boundaries inside
@@ -122,8 +127,11 @@ def test_merged_rollups_equal_the_pooled_sketches_across_boundaries(engine: Engi
     # three batches, plus an outbox replaying some, plus a duplicate within a batch
     batches = [shuffled[:150], shuffled[150:300] + shuffled[10:40], shuffled[300:] + shuffled[:5]]
     batches[2].append(batches[2][0])
-    assert store(engine, batches) == len(reports)
+    assert store(engine, batches, shards=shards) == len(reports)
     assert store(engine, [reports[:50]]) == 0  # redelivered: nothing changes
+    with Session(engine) as session:
+        written = set(session.execute(select(DriftFleetRollup.shard)).scalars())
+    assert written == set(range(shards))  # every worker has fleet rows of its own
 
     for since, until in (
         (T0 - timedelta(hours=2), T0 + timedelta(hours=26)),  # hours + a day + hours
@@ -157,7 +165,7 @@ def test_merged_rollups_equal_the_pooled_sketches_across_boundaries(engine: Engi
         assert scoped.devices.in_scope == 2
 
     day = query(engine, T0, T0 + timedelta(days=1))
-    assert day.rows_read == {"fleet_day": 1, "day": 5}
+    assert day.rows_read == {"fleet_day": shards, "day": 5}  # a shard's row per worker
     assert day.top_devices[0].device_id == "dev-4" and day.top_devices[0].feature == "f2"
 
 

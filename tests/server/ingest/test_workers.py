@@ -214,6 +214,10 @@ def test_two_workers_split_the_stream_and_store_every_report_once(
     assert summary["total"]["dropped"] == 0
     assert stored(engine) == len(reports)
     assert rolled_up_inferences(engine) == len(reports) * INFERENCES  # counted once, too
+    table = fleet_table()  # each worker added to fleet rows of its own shard (its index)
+    with Session(engine) as session:
+        shards = set(session.execute(select(table.c.shard).distinct()).scalars())
+    assert shards == {0, 1}
 
 
 def test_a_worker_killed_mid_stream_comes_back_and_nothing_is_lost_or_doubled(
