@@ -84,18 +84,23 @@ def inventory(server: RolloutServer) -> dict[str, Any]:
     return shown
 
 
-def reported(server: RolloutServer, version: int, rollout_id: str) -> dict[str, Any]:
-    """The inventory once it shows the device on ``version`` after ``rollout_id``."""
+def reported(server: RolloutServer, version: int, rollout_id: str, outcome: str) -> dict[str, Any]:
+    """The inventory once it shows the device on ``version`` after ``rollout_id``, with
+    ``outcome`` as its last update (a restarted device may first report the model it went
+    back to before it reports the rollback itself)."""
 
     def check() -> dict[str, Any] | None:
         shown = inventory(server)
         last = shown["last_update"]
         models = shown["models"]
         if models and models[0]["model_version"] == version and last is not None:
-            return shown if last["rollout_id"] == rollout_id else None
+            done = last["rollout_id"] == rollout_id and last["outcome"] == outcome
+            return shown if done else None
         return None
 
-    found: dict[str, Any] = wait_for(check, 30, f"the inventory showing v{version}")
+    found: dict[str, Any] = wait_for(
+        check, 30, f"the inventory showing v{version} and its update {outcome}"
+    )
     return found
 
 
@@ -183,8 +188,8 @@ def test_killed_at_each_step_of_an_update_it_ends_complete_and_the_server_knows(
             assert device.verified_current()[1] == final
             assert device.tmp() == []
             # The server learns it from the device: its retained state and last update.
-            shown = reported(server, final, rollout_id)
             expected_outcome = "rolled_back" if step == "rollback" else "activated"
+            shown = reported(server, final, rollout_id, expected_outcome)
             assert shown["last_update"]["outcome"] == expected_outcome, shown["last_update"]
             (device_row,) = done["devices"]
             assert device_row["outcome_at"] is not None

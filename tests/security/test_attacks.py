@@ -338,6 +338,9 @@ def device(
             return "health_check_passed" in kinds
 
         wait_for(judged, 60, "model v1 activated and judged")
+        # The event goes out before the probation marker is removed: the baseline is taken
+        # once the device is at rest.
+        wait_for(lambda: agent.store.probations() == [], 30, "the probation marker removed")
         yield Device(agent, fleet, good, observer)
     finally:
         agent.stop()
