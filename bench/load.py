@@ -1,7 +1,7 @@
 """Load: a simulated fleet reporting telemetry into a real server, for minutes on end.
 
 N simulated devices (1,000; 50 with ``--quick``) each send one telemetry report every S
-seconds (1) for T seconds (300; 20 with ``--quick``) through a Mosquitto of the bench's
+seconds (1) for T seconds (300; 10 with ``--quick``) through a Mosquitto of the bench's
 own into a real ``edgefleet server`` process (SQLite by default, ``--db`` for
 PostgreSQL) that ingests with ``EDGEFLEET_INGEST_WORKERS`` worker processes (2) on the
 shared subscription. Before the clock starts the devices enroll through the API and
@@ -693,7 +693,7 @@ def run(args: argparse.Namespace, results: BenchResults) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="50 devices for 20 s (CI)")
+    parser.add_argument("--quick", action="store_true", help="50 devices for 10 s (CI)")
     parser.add_argument("--devices", type=int, help="simulated devices (default 1,000)")
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between reports")
     parser.add_argument("--duration", type=float, help="seconds of load (default 300)")
@@ -714,7 +714,7 @@ def main() -> None:
         subscriber_main(int(port), Path(out), Path(ready))
         return
     args.devices = args.devices or (50 if args.quick else 1_000)
-    args.duration = args.duration or (20.0 if args.quick else 300.0)
+    args.duration = args.duration or (10.0 if args.quick else 300.0)
     for name in ("devices", "interval", "duration", "workers", "inferences"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name} must be positive, not {getattr(args, name)}")

@@ -18,6 +18,10 @@ from server.models import Dataset, DatasetVersion
 
 EXTERNAL_URL = os.environ.get("EDGEFLEET_TEST_DATABASE_URL")
 DATABASES = ["sqlite"] + (["external"] if EXTERNAL_URL else [])
+PRODUCTION_DATABASE = DATABASES[-1]
+"""For the slowest end-to-end tests, whose database-specific parts other tests cover on
+both: PostgreSQL when the run has it, else SQLite. Use with
+``@pytest.mark.parametrize("db_url", [PRODUCTION_DATABASE], indirect=True)``."""
 
 
 def database_url(kind: str, tmp_path: Path, schema: str | None) -> str:

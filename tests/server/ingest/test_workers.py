@@ -31,6 +31,7 @@ from shared.latency import latency_counts
 from shared.messages import LatencyHistogram, ModelWindow, TelemetryReport
 from shared.topics import Channel, device_topic
 from tests.conftest import operator_client
+from tests.server.conftest import PRODUCTION_DATABASE
 from tests.server.ingest.test_telemetry import add_device
 
 pytestmark = [pytest.mark.database, pytest.mark.broker, pytest.mark.slow]
@@ -220,6 +221,8 @@ def test_two_workers_split_the_stream_and_store_every_report_once(
     assert shards == {0, 1}
 
 
+# SQLite's two-worker path is covered by the split-stream test; the kill costs a minute.
+@pytest.mark.parametrize("db_url", [PRODUCTION_DATABASE], indirect=True)
 def test_a_worker_killed_mid_stream_comes_back_and_nothing_is_lost_or_doubled(
     engine: Engine, workers: Workers, mqtt_broker: Any
 ) -> None:

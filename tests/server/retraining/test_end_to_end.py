@@ -16,6 +16,7 @@ import pytest
 
 from server.simulator.device import Behaviour
 from tests.conftest import BrokerEndpoint
+from tests.server.conftest import PRODUCTION_DATABASE
 from tests.server.rollouts.harness import (
     ACTIVATION_ONLY,
     MODEL,
@@ -70,6 +71,9 @@ def reports_from(server: RolloutServer, fleet: SimFleet, count: int) -> None:
     )
 
 
+# The demo runs this loop on SQLite end to end; the retraining tests beside this one
+# cover each step on both databases.
+@pytest.mark.parametrize("db_url", [PRODUCTION_DATABASE], indirect=True)
 def test_drift_in_a_group_retrains_to_a_gated_candidate_and_starts_its_canary(
     server: RolloutServer, mqtt_broker: BrokerEndpoint
 ) -> None:
