@@ -537,8 +537,12 @@ class Agent:
 
     def _main_loop(self) -> None:
         desired_topic = device_topic(self.config.device_id, Channel.DESIRED)
+        # Under a systemd watchdog the loop turns at least four times an interval, so it is
+        # fed every half interval even when nothing arrives.
+        watchdog = self.systemd.watchdog_interval
+        longest = 1.0 if watchdog is None else min(1.0, watchdog / 4)
         while not self._stopping.is_set():
-            timeout = max(0.05, min(1.0, self.monitor.seconds_until_due()))
+            timeout = max(0.05, min(longest, self.monitor.seconds_until_due()))
             message = None
             if self.transport is not None:
                 try:

@@ -176,8 +176,14 @@ def test_agents_that_roll_back_by_themselves_trip_the_budget_and_go_back_on_abor
         agent = wait_for(sent_back, 15, f"{d['device_id']} sent 0.1.0 back")
         assert agent.artifact.sha256 == old["sha256"] != new["sha256"]
         assert devices[d["device_id"]].agent_version == "0.1.0"
-        shown = server.call("GET", f"/devices/{d['device_id']}")
-        assert shown["agent_update"]["outcome"] == "rolled_back"
+
+        # ... and the inventory learns it from the device's state, which may come later.
+        def inventoried(device_id: str = d["device_id"]) -> Any:
+            update = server.call("GET", f"/devices/{device_id}")["agent_update"]
+            return update if update is not None else None
+
+        update = wait_for(inventoried, 15, f"{d['device_id']}'s agent update in the inventory")
+        assert update["outcome"] == "rolled_back"
     # The devices of phase 2 were never targeted: nothing was ever sent to them. (A
     # second canary that had not reported when the budget tripped was targeted.)
     untouched = set(ids) - {d["device_id"] for d in paused["devices"]}
