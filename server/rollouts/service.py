@@ -377,17 +377,35 @@ def create_rollout(
         model_version=found.version,
         group=device_group.name,
     )
+    return _insert_rollout(
+        session,
+        fields,
+        now=now,
+        group=device_group,
+        model_name=model_name,
+        model_version=found.version,
+        model_version_id=found.id,
+    )
+
+
+def _insert_rollout(
+    session: Session,
+    fields: dict[str, object],
+    *,
+    now: datetime,
+    group: DeviceGroup,
+    **columns: object,
+) -> LoadedRollout:
+    """Build the spec from ``fields`` (``None`` takes its default), refuse a taken id, and
+    store the new rollout with ``columns`` (what it rolls out) beside its spec and state."""
     spec = RolloutSpec.build(**{k: v for k, v in fields.items() if v is not None})
     if session.get(RolloutRecord, spec.rollout_id) is not None:
         raise RolloutConflictError(f"a rollout with id {spec.rollout_id!r} already exists")
     state = new_rollout(spec, now=now)
     record = RolloutRecord(
         id=spec.rollout_id,
-        model_name=model_name,
-        model_version=found.version,
-        model_version_id=found.id,
-        group_name=device_group.name,
-        group_id=device_group.id,  # type: ignore[arg-type]
+        group_name=group.name,
+        group_id=group.id,
         status=state.status.value,
         phase=state.phase,
         spec_json=spec.model_dump_json(),
@@ -395,6 +413,7 @@ def create_rollout(
         revision=0,
         created_at=now,
         updated_at=now,
+        **columns,
     )
     session.add(record)
     session.flush()
@@ -451,31 +470,18 @@ def create_agent_rollout(
         health_timeout_s=health_timeout_s,
         group=device_group.name,
     )
-    spec = RolloutSpec.build(**{k: v for k, v in fields.items() if v is not None})
-    if session.get(RolloutRecord, spec.rollout_id) is not None:
-        raise RolloutConflictError(f"a rollout with id {spec.rollout_id!r} already exists")
-    state = new_rollout(spec, now=now)
-    record = RolloutRecord(
-        id=spec.rollout_id,
+    return _insert_rollout(
+        session,
+        fields,
+        now=now,
+        group=device_group,
         kind=RolloutKind.AGENT.value,
         model_name=AGENT_TARGET,
         model_version=release.id,
         model_version_id=None,
         agent_release_id=release.id,
         agent_version=release.version,
-        group_name=device_group.name,
-        group_id=device_group.id,  # type: ignore[arg-type]
-        status=state.status.value,
-        phase=state.phase,
-        spec_json=spec.model_dump_json(),
-        state_json=state.model_dump_json(),
-        revision=0,
-        created_at=now,
-        updated_at=now,
     )
-    session.add(record)
-    session.flush()
-    return load_rollout(record)
 
 
 def agent_wheels(session: Session) -> dict[int, AgentWheel]:
